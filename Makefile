@@ -1,0 +1,61 @@
+# herald: make deps | build | test | demo | asan | lint | rock | clean
+LUA      ?= lua5.4
+CC       ?= cc
+LLHTTP   ?= /usr/share/llhttp
+LLHTTP_H ?= /usr/share/include/llhttp
+LUA_INC  ?= $(shell pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
+UV_LIBS  ?= $(shell pkg-config --libs libuv 2>/dev/null || echo -luv)
+
+BUILD    := build
+SRCS     := $(wildcard csrc/*.c)
+HDRS     := $(wildcard csrc/*.h)
+LLHTTP_SRCS := $(LLHTTP)/llhttp.c $(LLHTTP)/api.c $(LLHTTP)/http.c
+
+BASE_CFLAGS := -std=c11 -D_DEFAULT_SOURCE -fPIC -fvisibility=hidden -I$(LLHTTP_H) $(LUA_INC)
+DEV_CFLAGS  := $(BASE_CFLAGS) -O2 -g -Wall -Wextra -Werror
+ASAN_CFLAGS := $(BASE_CFLAGS) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined -Wall -Wextra
+# llhttp is generated code: built with its own flags, never -Werror.
+LLHTTP_CFLAGS := -std=c11 -fPIC -fvisibility=hidden -O2 -I$(LLHTTP_H)
+
+.PHONY: all deps build asan test demo lint rock clean
+
+all: build
+
+deps:
+	@scripts/deps
+
+build: $(BUILD)/dev/herald/core.so
+asan: $(BUILD)/asan/herald/core.so
+
+$(BUILD)/llhttp/%.o: $(LLHTTP)/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(LLHTTP_CFLAGS) -c $< -o $@
+
+$(BUILD)/llhttp-asan/%.o: $(LLHTTP)/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(LLHTTP_CFLAGS) -fsanitize=address,undefined -c $< -o $@
+
+$(BUILD)/dev/herald/core.so: $(SRCS) $(HDRS) $(LLHTTP_SRCS:$(LLHTTP)/%.c=$(BUILD)/llhttp/%.o)
+	@mkdir -p $(dir $@)
+	$(CC) $(DEV_CFLAGS) -shared -o $@ $(SRCS) $(filter %.o,$^) $(UV_LIBS)
+
+$(BUILD)/asan/herald/core.so: $(SRCS) $(HDRS) $(LLHTTP_SRCS:$(LLHTTP)/%.c=$(BUILD)/llhttp-asan/%.o)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) -shared -o $@ $(SRCS) $(filter %.o,$^) $(UV_LIBS)
+
+# Every spec, against the dev build and then under ASan+UBSan; the last line
+# of output is "N passed, N failed" over both runs.
+test: deps build asan lint
+	@scripts/test
+
+lint:
+	luacheck --quiet lua spec examples
+
+demo: deps build
+	scripts/demo
+
+rock: deps
+	luarocks --lua-version=5.4 make rockspecs/herald-scm-1.rockspec
+
+clean:
+	rm -rf $(BUILD)

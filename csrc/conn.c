@@ -1,0 +1,232 @@
+#include "conn.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "server.h"
+
+/* After FIN, how long a closing conn keeps reading so that the peer's last
+ * bytes in flight do not turn our close into a reset that loses the answer. */
+#define LINGER_MS 2000
+#define MAX_WRITE_BATCH 128
+
+static void unlink_dirty(conn_t *c) {
+  if (!c->dirty) return;
+  if (c->prev_dirty) c->prev_dirty->next_dirty = c->next_dirty;
+  else c->rt->dirty = c->next_dirty;
+  if (c->next_dirty) c->next_dirty->prev_dirty = c->prev_dirty;
+  c->prev_dirty = c->next_dirty = NULL;
+  c->dirty = 0;
+}
+
+static void free_conn(conn_t *c) {
+  unlink_dirty(c);
+  for (unsigned i = c->out_head; i < c->out_len; i++) hbuf_unref(c->outq[i].buf);
+  free(c->outq);
+  server_remove_conn(c->server, c);
+  free(c);
+}
+
+static void on_handle_closed(uv_handle_t *h) {
+  conn_t *c = h->data;
+  if (--c->handles_open == 0) free_conn(c);
+}
+
+void conn_close(conn_t *c) {
+  if (c->closing) return;
+  c->closing = 1;
+  if (c->proto && c->proto->on_close) c->proto->on_close(c);
+  uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+  uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  (void)suggested;
+  conn_t *c = h->data;
+  buf->base = c->rt->read_buf;
+  buf->len = sizeof c->rt->read_buf;
+}
+
+static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
+  conn_t *c = s->data;
+  if (c->closing) return;
+  if (n > 0) {
+    if (c->shut) return; /* lingering: discard */
+    c->proto->on_data(c, buf->base, (size_t)n);
+  } else if (n < 0) {
+    if (c->shut) {
+      conn_close(c);
+      return;
+    }
+    conn_pause_reading(c);
+    c->proto->on_eof(c);
+  }
+}
+
+static void on_timer(uv_timer_t *t) {
+  conn_t *c = t->data;
+  if (c->closing) return;
+  if (c->shut) {
+    conn_close(c);
+    return;
+  }
+  c->proto->on_timeout(c);
+}
+
+conn_t *conn_accept(server_t *server, uv_stream_t *listener) {
+  conn_t *c = calloc(1, sizeof *c);
+  if (!c) return NULL;
+  c->rt = server->rt;
+  c->server = server;
+  c->lua_ref = -2; /* LUA_NOREF */
+  uv_tcp_init(&c->rt->loop, &c->tcp);
+  uv_timer_init(&c->rt->loop, &c->timer);
+  c->tcp.data = c->timer.data = c;
+  c->handles_open = 2;
+  server_add_conn(server, c);
+  if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0) {
+    c->closing = 1;
+    uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+    uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+    return NULL;
+  }
+  uv_tcp_nodelay(&c->tcp, 1);
+  conn_resume_reading(c);
+  return c;
+}
+
+void conn_pause_reading(conn_t *c) {
+  if (c->reading) uv_read_stop((uv_stream_t *)&c->tcp);
+  c->reading = 0;
+}
+
+void conn_resume_reading(conn_t *c) {
+  if (c->reading || c->closing) return;
+  if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = 1;
+}
+
+void conn_set_timer(conn_t *c, uint64_t ms) {
+  if (!c->closing) uv_timer_start(&c->timer, on_timer, ms, 0);
+}
+
+void conn_stop_timer(conn_t *c) {
+  uv_timer_stop(&c->timer);
+}
+
+static void mark_dirty(conn_t *c) {
+  if (c->dirty) return;
+  c->dirty = 1;
+  c->prev_dirty = NULL;
+  c->next_dirty = c->rt->dirty;
+  if (c->next_dirty) c->next_dirty->prev_dirty = c;
+  c->rt->dirty = c;
+}
+
+int conn_send(conn_t *c, hbuf_t *b) {
+  if (c->closing || c->shut) return -1;
+  if (c->out_len == c->out_cap) {
+    if (c->out_head > 0 && !c->writing) {
+      memmove(c->outq, c->outq + c->out_head, (c->out_len - c->out_head) * sizeof *c->outq);
+      c->out_len -= c->out_head;
+      c->out_head = 0;
+    } else {
+      unsigned cap = c->out_cap ? c->out_cap * 2 : 4;
+      out_item_t *q = realloc(c->outq, cap * sizeof *q);
+      if (!q) return -1;
+      c->outq = q;
+      c->out_cap = cap;
+    }
+  }
+  c->outq[c->out_len++].buf = hbuf_ref(b);
+  c->queued_bytes += b->len;
+  mark_dirty(c);
+  return 0;
+}
+
+int conn_send_bytes(conn_t *c, const void *bytes, size_t len) {
+  hbuf_t *b = hbuf_copy(bytes, len);
+  if (!b) return -1;
+  int rc = conn_send(c, b);
+  hbuf_unref(b);
+  return rc;
+}
+
+static void on_shutdown(uv_shutdown_t *req, int status) {
+  (void)status;
+  conn_t *c = req->data;
+  if (!c->closing) conn_set_timer(c, LINGER_MS);
+}
+
+/* Everything queued is written: finish an ending conn, or let a paused
+ * protocol read again. */
+static void on_queue_empty(conn_t *c) {
+  if (c->ending && !c->shut) {
+    c->shut = 1;
+    c->shutdown_req.data = c;
+    conn_resume_reading(c); /* to see the peer's EOF during the linger */
+    if (uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, on_shutdown) != 0) conn_close(c);
+  }
+}
+
+static void on_write(uv_write_t *req, int status) {
+  conn_t *c = req->data;
+  for (unsigned i = 0; i < c->out_inflight; i++) {
+    out_item_t *it = &c->outq[c->out_head + i];
+    c->queued_bytes -= it->buf->len;
+    hbuf_unref(it->buf);
+  }
+  c->out_head += c->out_inflight;
+  c->out_inflight = 0;
+  c->writing = 0;
+  if (c->out_head == c->out_len) c->out_head = c->out_len = 0;
+  if (c->closing) return;
+  if (status < 0) {
+    conn_close(c);
+    return;
+  }
+  if (c->out_len > c->out_head) {
+    mark_dirty(c);
+  } else {
+    on_queue_empty(c);
+  }
+  if (!c->closing && !c->shut && c->queued_bytes < CONN_PAUSE_MARK / 2 && c->proto->on_writable)
+    c->proto->on_writable(c);
+}
+
+static void flush(conn_t *c) {
+  if (c->closing || c->writing) return;
+  unsigned n = c->out_len - c->out_head;
+  if (n == 0) {
+    on_queue_empty(c);
+    return;
+  }
+  if (n > MAX_WRITE_BATCH) n = MAX_WRITE_BATCH;
+  uv_buf_t bufs[MAX_WRITE_BATCH];
+  for (unsigned i = 0; i < n; i++) {
+    hbuf_t *b = c->outq[c->out_head + i].buf;
+    bufs[i] = uv_buf_init(b->data, (unsigned)b->len);
+  }
+  c->write_req.data = c;
+  if (uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs, n, on_write) != 0) {
+    conn_close(c);
+    return;
+  }
+  c->writing = 1;
+  c->out_inflight = n;
+}
+
+void conn_flush_all(runtime_t *rt) {
+  while (rt->dirty) {
+    conn_t *c = rt->dirty;
+    unlink_dirty(c);
+    flush(c);
+  }
+}
+
+void conn_end(conn_t *c) {
+  if (c->closing || c->ending) return;
+  c->ending = 1;
+  conn_stop_timer(c);
+  conn_pause_reading(c);
+  mark_dirty(c); /* the flush sees an empty queue and shuts down */
+}

@@ -1,0 +1,80 @@
+/* conn: one TCP connection. It owns the socket, the timer, the out queue of
+ * shared chunks and its own lifetime; the protocol spoken on it (HTTP now,
+ * SSE and WebSocket after an upgrade) is a table of functions it calls. */
+#ifndef HERALD_CONN_H
+#define HERALD_CONN_H
+
+#include <stddef.h>
+#include <uv.h>
+
+#include "buf.h"
+#include "http.h"
+#include "runtime.h"
+
+typedef struct conn_proto {
+  const char *name;
+  /* Bytes from the peer. */
+  void (*on_data)(conn_t *c, const char *data, size_t len);
+  /* The peer closed its side, or the socket failed. */
+  void (*on_eof)(conn_t *c);
+  /* The conn's timer fired (the protocol set it). */
+  void (*on_timeout)(conn_t *c);
+  /* The out queue fell below the resume mark after the protocol paused input. */
+  void (*on_writable)(conn_t *c);
+  /* The server is shutting down: finish or say goodbye. */
+  void (*on_drain)(conn_t *c);
+  /* The conn is going away: release the protocol's state. */
+  void (*on_close)(conn_t *c);
+} conn_proto_t;
+
+typedef struct out_item {
+  hbuf_t *buf;
+} out_item_t;
+
+struct conn {
+  uv_tcp_t tcp;
+  uv_timer_t timer;
+  uv_write_t write_req;
+  uv_shutdown_t shutdown_req;
+  runtime_t *rt;
+  server_t *server;
+  const conn_proto_t *proto;
+  conn_t *prev, *next;     /* the server's list */
+  conn_t *prev_dirty, *next_dirty; /* the runtime's list of conns to flush */
+  out_item_t *outq;
+  unsigned out_head, out_len, out_cap, out_inflight;
+  size_t queued_bytes;     /* bytes queued and not yet written */
+  unsigned handles_open;   /* tcp and timer: freed when both are closed */
+  unsigned dirty : 1, writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1;
+  int lua_ref;             /* registry ref of the Lua handle, if one was made */
+  void *lua_handle;        /* that handle's userdata, cleared on close */
+  http_conn_t http;
+};
+
+/* Accepts a pending connection on listener into a new conn of server. */
+conn_t *conn_accept(server_t *server, uv_stream_t *listener);
+
+/* Queues a chunk (takes one reference of its own) for the next flush. */
+int conn_send(conn_t *c, hbuf_t *b);
+int conn_send_bytes(conn_t *c, const void *bytes, size_t len);
+
+/* Flushes what is queued, then sends FIN and closes after a short linger
+ * (reading and discarding), so the peer sees the last response, not a reset. */
+void conn_end(conn_t *c);
+
+/* Closes now; queued output is dropped. */
+void conn_close(conn_t *c);
+
+void conn_set_timer(conn_t *c, uint64_t ms);
+void conn_stop_timer(conn_t *c);
+void conn_pause_reading(conn_t *c);
+void conn_resume_reading(conn_t *c);
+
+/* Writes every dirty conn's queue (the runtime's prepare handle calls it). */
+void conn_flush_all(runtime_t *rt);
+
+/* Pausing input while this much output waits keeps a pipelining client that
+ * never reads from growing our memory. */
+#define CONN_PAUSE_MARK (256 * 1024)
+
+#endif

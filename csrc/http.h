@@ -1,0 +1,62 @@
+/* http: HTTP/1.1 on a conn. llhttp parses requests (keep-alive, pipelining,
+ * chunked bodies); each complete request goes to the server's handler, and
+ * responses are serialized here in the order requests arrived. */
+#ifndef HERALD_HTTP_H
+#define HERALD_HTTP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "buf.h"
+#include "llhttp.h"
+
+typedef struct conn conn_t;
+
+typedef struct http_conn {
+  llhttp_t parser;
+  hstr_t head;            /* url \0 (name \0 value \0)* of the request being read */
+  hstr_t body;
+  size_t url_len;
+  size_t raw_head_bytes;  /* bytes fed while the head was incomplete */
+  unsigned nheaders;
+  unsigned in_message : 1, headers_done : 1, expect_continue : 1, keep_alive : 1,
+      head_request : 1, close_after : 1;
+  uint16_t fail_status;   /* the 4xx a parser callback found, answered after execute */
+  unsigned requests, responses; /* dispatched and answered: answers go in order */
+  char *pending;          /* unparsed input kept while input is paused */
+  size_t pending_len;
+} http_conn_t;
+
+/* A complete request as the handler sees it; valid during the call only. */
+typedef struct http_request {
+  const char *method;
+  const char *url;
+  size_t url_len;
+  int version_major, version_minor;
+  const char *headers;    /* nheaders pairs of NUL-terminated name, value; names lowercased */
+  unsigned nheaders;
+  const char *body;
+  size_t body_len;
+  int keep_alive;
+} http_request_t;
+
+typedef struct http_header {
+  const char *name, *value;
+  size_t name_len, value_len;
+} http_header_t;
+
+void http_conn_start(conn_t *c);
+
+/* Answers the oldest unanswered request. Returns 0, or -1 with *err set. */
+int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nheaders,
+                 const char *body, size_t body_len, const char **err);
+
+/* Answers with a short text body and closes: used for protocol errors. */
+void http_fail(conn_t *c, int status, const char *text);
+
+const char *http_reason(int status);
+
+/* True while a request has been dispatched and not yet answered. */
+int http_awaiting_response(const conn_t *c);
+
+#endif

@@ -1,0 +1,350 @@
+/* herald.core: the runtime (loop, run/stop, drain), timers, and the entry
+ * point that registers every layer's binding. */
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "conn.h"
+#include "lua_bind.h"
+#include "server.h"
+
+#define RUNTIME_MT "herald.runtime"
+#define TIMER_MT "herald.timer"
+
+/* ---- the runtime ---- */
+
+const char *runtime_date(runtime_t *rt) {
+  int64_t now = (int64_t)(uv_now(&rt->loop) / 1000);
+  if (now != rt->date_sec || !rt->date[0]) {
+    time_t t = time(NULL);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(rt->date, sizeof rt->date, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+    rt->date_sec = now;
+  }
+  return rt->date;
+}
+
+void runtime_log(runtime_t *rt, const char *fmt, ...) {
+  (void)rt;
+  va_list ap;
+  va_start(ap, fmt);
+  fputs("herald: ", stderr);
+  vfprintf(stderr, fmt, ap);
+  fputc('\n', stderr);
+  va_end(ap);
+}
+
+static void on_flush(uv_prepare_t *h) {
+  conn_flush_all(h->data);
+}
+
+static void finish_drain(runtime_t *rt) {
+  uv_timer_stop(&rt->drain_timer);
+  rt->stopped = 1;
+  uv_stop(&rt->loop);
+}
+
+void runtime_check_drained(runtime_t *rt) {
+  if (!rt->draining || rt->stopped) return;
+  for (server_t *s = rt->servers; s; s = s->next_in_rt)
+    if (s->nconns > 0) return;
+  finish_drain(rt);
+}
+
+static void on_drain_timeout(uv_timer_t *t) {
+  runtime_t *rt = t->data;
+  for (server_t *s = rt->servers; s; s = s->next_in_rt) server_force_close(s);
+  finish_drain(rt); /* the closes complete in run()'s last turn */
+}
+
+void runtime_drain(runtime_t *rt) {
+  if (rt->draining) return;
+  rt->draining = 1;
+  uint64_t bound = 0;
+  for (server_t *s = rt->servers, *next; s; s = next) {
+    next = s->next_in_rt; /* server_close may free an orphan */
+    if (s->limits.shutdown_timeout_ms > bound) bound = s->limits.shutdown_timeout_ms;
+    server_close(s);
+  }
+  uv_timer_start(&rt->drain_timer, on_drain_timeout, bound, 0);
+  runtime_check_drained(rt);
+}
+
+static void on_signal(uv_signal_t *h, int signum) {
+  (void)signum;
+  runtime_drain(h->data);
+}
+
+int bind_call(runtime_t *rt, int nargs) {
+  lua_State *L = rt->lua;
+  int base = lua_gettop(L) - nargs;
+  lua_getglobal(L, "debug");
+  lua_getfield(L, -1, "traceback");
+  lua_remove(L, -2);
+  lua_insert(L, base);
+  int ok = lua_pcall(L, nargs, 0, base) == LUA_OK;
+  if (!ok) {
+    const char *msg = lua_tostring(L, -1);
+    int logged = 0;
+    if (rt->on_error_ref != LUA_NOREF) {
+      lua_rawgeti(L, LUA_REGISTRYINDEX, rt->on_error_ref);
+      lua_pushvalue(L, -2);
+      logged = lua_pcall(L, 1, 0, 0) == LUA_OK;
+      if (!logged) lua_pop(L, 1);
+    }
+    if (!logged) runtime_log(rt, "%s", msg ? msg : "(error object is not a string)");
+    lua_pop(L, 1);
+  }
+  lua_remove(L, base);
+  return ok;
+}
+
+int bind_uv_error(lua_State *L, int rc) {
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s: %s", uv_err_name(rc), uv_strerror(rc));
+  lua_pushstring(L, uv_err_name(rc));
+  return 3;
+}
+
+lua_Integer bind_opt_integer(lua_State *L, int idx, const char *name, lua_Integer dflt) {
+  lua_getfield(L, idx, name);
+  lua_Integer v = lua_isnil(L, -1) ? dflt : luaL_checkinteger(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+void bind_new_class(lua_State *L, int runtime_idx, const char *name, const luaL_Reg *methods) {
+  luaL_newmetatable(L, name);
+  lua_pushvalue(L, runtime_idx); /* every method's upvalue */
+  luaL_setfuncs(L, methods, 1);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+}
+
+/* run(): serves until stop() or SIGINT/SIGTERM, drains, and returns. */
+static int core_run(lua_State *L) {
+  runtime_t *rt = bind_runtime(L);
+  if (rt->running) return luaL_error(L, "herald.run: already running");
+  void *outer = rt->lua;
+  rt->lua = L;
+  rt->running = 1;
+  rt->stopped = 0;
+  uv_signal_start(&rt->sigint, on_signal, SIGINT);
+  uv_signal_start(&rt->sigterm, on_signal, SIGTERM);
+  while (!rt->stopped) {
+    if (!uv_run(&rt->loop, UV_RUN_ONCE) && !rt->draining) break; /* nothing left to serve */
+  }
+  uv_run(&rt->loop, UV_RUN_NOWAIT); /* let the last closes complete */
+  uv_signal_stop(&rt->sigint);
+  uv_signal_stop(&rt->sigterm);
+  rt->running = 0;
+  rt->draining = 0;
+  rt->lua = outer;
+  return 0;
+}
+
+static int core_stop(lua_State *L) {
+  runtime_t *rt = bind_runtime(L);
+  if (rt->running) runtime_drain(rt);
+  return 0;
+}
+
+static void on_tick(uv_timer_t *t) {
+  (void)t;
+}
+
+/* run_once(timeout_ms): one loop turn that waits at most timeout_ms; for
+ * herald.test, which drives the loop from a spec. Returns whether anything
+ * keeps the loop alive. */
+static int core_run_once(lua_State *L) {
+  runtime_t *rt = bind_runtime(L);
+  lua_Integer timeout = luaL_optinteger(L, 1, 0);
+  if (rt->running) return luaL_error(L, "herald: run_once inside run");
+  void *outer = rt->lua;
+  rt->lua = L;
+  uv_timer_start(&rt->tick_timer, on_tick, timeout > 0 ? (uint64_t)timeout : 0, 0);
+  uv_run(&rt->loop, UV_RUN_ONCE);
+  uv_timer_stop(&rt->tick_timer);
+  rt->lua = outer;
+  lua_pushboolean(L, uv_loop_alive(&rt->loop));
+  return 1;
+}
+
+static int core_now(lua_State *L) {
+  runtime_t *rt = bind_runtime(L);
+  uv_update_time(&rt->loop);
+  lua_pushinteger(L, (lua_Integer)uv_now(&rt->loop));
+  return 1;
+}
+
+static int core_hrtime(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)uv_hrtime());
+  return 1;
+}
+
+static int core_on_error(lua_State *L) {
+  runtime_t *rt = bind_runtime(L);
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  luaL_unref(L, LUA_REGISTRYINDEX, rt->on_error_ref);
+  lua_pushvalue(L, 1);
+  rt->on_error_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+/* ---- timers ---- */
+
+struct htimer {
+  uv_timer_t handle;
+  runtime_t *rt;
+  int fn_ref, self_ref;
+  int cancelled;
+  htimer_t **owner;    /* the userdata's pointer, cleared when this goes */
+  htimer_t *prev, *next;
+};
+
+static void on_timer_closed(uv_handle_t *h) {
+  free(h->data);
+}
+
+/* L is the running thread, or NULL while the state closes. */
+static void timer_release(htimer_t *t, lua_State *L) {
+  if (t->cancelled) return;
+  t->cancelled = 1;
+  runtime_t *rt = t->rt;
+  if (t->prev) t->prev->next = t->next;
+  else rt->timers = t->next;
+  if (t->next) t->next->prev = t->prev;
+  if (t->owner) *t->owner = NULL;
+  if (L) {
+    luaL_unref(L, LUA_REGISTRYINDEX, t->fn_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, t->self_ref);
+  }
+  uv_close((uv_handle_t *)&t->handle, on_timer_closed);
+}
+
+static void on_timer(uv_timer_t *h) {
+  htimer_t *t = h->data;
+  lua_State *L = t->rt->lua;
+  int repeating = uv_timer_get_repeat(h) > 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, t->fn_ref);
+  bind_call(t->rt, 0);
+  if (!repeating) timer_release(t, L);
+}
+
+/* timer(delay_ms, repeat_ms, fn) -> handle with :cancel() */
+static int core_timer(lua_State *L) {
+  runtime_t *rt = bind_runtime(L);
+  lua_Integer delay = luaL_checkinteger(L, 1), repeat = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, delay >= 0, 1, "must be >= 0");
+  luaL_argcheck(L, repeat >= 0, 2, "must be >= 0");
+  luaL_checktype(L, 3, LUA_TFUNCTION);
+  htimer_t *t = calloc(1, sizeof *t);
+  if (!t) return luaL_error(L, "out of memory");
+  htimer_t **ud = lua_newuserdatauv(L, sizeof *ud, 0);
+  *ud = t;
+  luaL_setmetatable(L, TIMER_MT);
+  t->rt = rt;
+  t->owner = ud;
+  lua_pushvalue(L, 3);
+  t->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, -1);
+  t->self_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* an active timer outlives its handle */
+  uv_timer_init(&rt->loop, &t->handle);
+  t->handle.data = t;
+  t->next = rt->timers;
+  if (rt->timers) rt->timers->prev = t;
+  rt->timers = t;
+  uv_timer_start(&t->handle, on_timer, (uint64_t)delay, (uint64_t)repeat);
+  return 1;
+}
+
+static int timer_cancel(lua_State *L) {
+  htimer_t **ud = luaL_checkudata(L, 1, TIMER_MT);
+  if (*ud) timer_release(*ud, L);
+  return 0;
+}
+
+static int timer_active(lua_State *L) {
+  htimer_t **ud = luaL_checkudata(L, 1, TIMER_MT);
+  lua_pushboolean(L, *ud != NULL);
+  return 1;
+}
+
+/* ---- closing the state ---- */
+
+static void close_owned(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+static int runtime_gc(lua_State *L) {
+  runtime_t *rt = luaL_checkudata(L, 1, RUNTIME_MT);
+  rt->closing = 1;
+  while (rt->timers) timer_release(rt->timers, NULL);
+  bind_client_close_all(rt);
+  for (server_t *s = rt->servers, *next; s; s = next) {
+    next = s->next_in_rt;
+    server_release(s);
+    server_force_close(s);
+  }
+  /* What is left is the runtime's own handles, closed without callbacks. */
+  uv_run(&rt->loop, UV_RUN_NOWAIT);
+  uv_walk(&rt->loop, close_owned, NULL);
+  uv_run(&rt->loop, UV_RUN_DEFAULT);
+  uv_loop_close(&rt->loop);
+  return 0;
+}
+
+static int runtime_new(lua_State *L) {
+  runtime_t *rt = lua_newuserdatauv(L, sizeof *rt, 0);
+  memset(rt, 0, sizeof *rt);
+  rt->on_error_ref = LUA_NOREF;
+  int rc = uv_loop_init(&rt->loop);
+  if (rc) return luaL_error(L, "herald: uv_loop_init: %s", uv_strerror(rc));
+  luaL_newmetatable(L, RUNTIME_MT);
+  lua_pushcfunction(L, runtime_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  uv_prepare_init(&rt->loop, &rt->flusher);
+  rt->flusher.data = rt;
+  uv_prepare_start(&rt->flusher, on_flush);
+  uv_unref((uv_handle_t *)&rt->flusher);
+  uv_timer_init(&rt->loop, &rt->drain_timer);
+  rt->drain_timer.data = rt;
+  uv_timer_init(&rt->loop, &rt->tick_timer);
+  uv_signal_init(&rt->loop, &rt->sigint);
+  uv_signal_init(&rt->loop, &rt->sigterm);
+  rt->sigint.data = rt->sigterm.data = rt;
+  uv_unref((uv_handle_t *)&rt->sigint);
+  uv_unref((uv_handle_t *)&rt->sigterm);
+  return 1;
+}
+
+__attribute__((visibility("default"))) int luaopen_herald_core(lua_State *L) {
+  static const luaL_Reg functions[] = {
+      {"run", core_run},       {"stop", core_stop}, {"run_once", core_run_once},
+      {"now", core_now},       {"hrtime", core_hrtime}, {"on_error", core_on_error},
+      {"timer", core_timer},   {NULL, NULL},
+  };
+  static const luaL_Reg timer_methods[] = {
+      {"cancel", timer_cancel}, {"active", timer_active}, {NULL, NULL}};
+  runtime_new(L);
+  int rt_idx = lua_gettop(L);
+  /* The runtime lives as long as the state: the registry holds it. */
+  lua_pushvalue(L, rt_idx);
+  lua_setfield(L, LUA_REGISTRYINDEX, RUNTIME_MT);
+  bind_new_class(L, rt_idx, TIMER_MT, timer_methods);
+  lua_newtable(L);
+  lua_pushvalue(L, rt_idx);
+  luaL_setfuncs(L, functions, 1);
+  bind_server_open(L, rt_idx);
+  bind_client_open(L, rt_idx);
+  lua_pushstring(L, uv_version_string());
+  lua_setfield(L, -2, "libuv_version");
+  return 1;
+}

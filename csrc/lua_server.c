@@ -1,0 +1,240 @@
+/* The Lua face of a server and of the connections it hands to Lua. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "conn.h"
+#include "lua_bind.h"
+#include "server.h"
+
+#define SERVER_MT "herald.server"
+#define CONN_MT "herald.conn"
+
+typedef struct lua_server {
+  server_t *srv;
+  runtime_t *rt;
+  int on_request_ref;
+  int self_ref;        /* anchors a listening server that Lua dropped */
+} lua_server_t;
+
+typedef struct conn_handle {
+  conn_t *c;           /* NULL once the conn is gone */
+} conn_handle_t;
+
+static lua_server_t *check_server(lua_State *L) {
+  lua_server_t *ls = luaL_checkudata(L, 1, SERVER_MT);
+  if (!ls->srv) luaL_error(L, "herald: server is closed");
+  return ls;
+}
+
+static conn_t *check_conn(lua_State *L) {
+  conn_handle_t *h = luaL_checkudata(L, 1, CONN_MT);
+  return h->c && !h->c->closing ? h->c : NULL;
+}
+
+/* The conn's handle, made once and kept until the conn goes. */
+static void push_conn(lua_State *L, conn_t *c) {
+  if (c->lua_handle) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->lua_ref);
+    return;
+  }
+  conn_handle_t *h = lua_newuserdatauv(L, sizeof *h, 0);
+  h->c = c;
+  luaL_setmetatable(L, CONN_MT);
+  lua_pushvalue(L, -1);
+  c->lua_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  c->lua_handle = h;
+}
+
+static void on_conn_closed(conn_t *c, void *ud) {
+  lua_server_t *ls = ud;
+  ((conn_handle_t *)c->lua_handle)->c = NULL;
+  c->lua_handle = NULL;
+  if (!ls->rt->closing && ls->rt->lua) luaL_unref(ls->rt->lua, LUA_REGISTRYINDEX, c->lua_ref);
+}
+
+/* Builds the request table: method, url, version, headers (lowercased
+ * names; repeated ones joined with ", "), body, keep_alive. */
+static void push_request(lua_State *L, const http_request_t *req) {
+  lua_createtable(L, 0, 6);
+  lua_pushstring(L, req->method);
+  lua_setfield(L, -2, "method");
+  lua_pushlstring(L, req->url, req->url_len);
+  lua_setfield(L, -2, "url");
+  lua_pushfstring(L, "%d.%d", req->version_major, req->version_minor);
+  lua_setfield(L, -2, "version");
+  lua_createtable(L, 0, (int)req->nheaders);
+  const char *s = req->headers;
+  for (unsigned i = 0; i < req->nheaders; i++) {
+    const char *value = s + strlen(s) + 1;
+    if (lua_getfield(L, -1, s) == LUA_TSTRING) {
+      lua_pushstring(L, ", ");
+      lua_pushstring(L, value);
+      lua_concat(L, 3);
+    } else {
+      lua_pop(L, 1);
+      lua_pushstring(L, value);
+    }
+    lua_setfield(L, -2, s);
+    s = value + strlen(value) + 1;
+  }
+  lua_setfield(L, -2, "headers");
+  lua_pushlstring(L, req->body, req->body_len);
+  lua_setfield(L, -2, "body");
+  lua_pushboolean(L, req->keep_alive);
+  lua_setfield(L, -2, "keep_alive");
+}
+
+static void on_request(conn_t *c, const http_request_t *req, void *ud) {
+  lua_server_t *ls = ud;
+  lua_State *L = ls->rt->lua;
+  if (!L || ls->rt->closing) return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->on_request_ref);
+  push_conn(L, c);
+  push_request(L, req);
+  bind_call(ls->rt, 2); /* a failure is logged; http answers 500 for it */
+}
+
+/* server(limits, on_request) */
+static int core_server(lua_State *L) {
+  runtime_t *rt = bind_runtime(L);
+  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  server_limits_t limits = {
+      .max_header_size = (size_t)bind_opt_integer(L, 1, "max_header_size", 16384),
+      .max_body_size = (size_t)bind_opt_integer(L, 1, "max_body_size", 1048576),
+      .header_timeout_ms = (uint64_t)bind_opt_integer(L, 1, "header_timeout_ms", 10000),
+      .idle_timeout_ms = (uint64_t)bind_opt_integer(L, 1, "idle_timeout_ms", 60000),
+      .shutdown_timeout_ms = (uint64_t)bind_opt_integer(L, 1, "shutdown_timeout_ms", 5000),
+      .max_connections = (unsigned)bind_opt_integer(L, 1, "max_connections", 10000),
+  };
+  lua_server_t *ls = lua_newuserdatauv(L, sizeof *ls, 0);
+  memset(ls, 0, sizeof *ls);
+  ls->rt = rt;
+  ls->self_ref = LUA_NOREF;
+  lua_pushvalue(L, 2);
+  ls->on_request_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  luaL_setmetatable(L, SERVER_MT);
+  ls->srv = server_new(rt, &limits, on_request, on_conn_closed, ls);
+  if (!ls->srv) return luaL_error(L, "out of memory");
+  return 1;
+}
+
+/* srv:listen(host, port, backlog) -> port | nil, err, ename */
+static int server_listen_l(lua_State *L) {
+  lua_server_t *ls = check_server(L);
+  const char *host = luaL_checkstring(L, 2);
+  lua_Integer port = luaL_checkinteger(L, 3);
+  lua_Integer backlog = luaL_optinteger(L, 4, 511);
+  luaL_argcheck(L, port >= 0 && port <= 65535, 3, "must be 0 to 65535");
+  int rc = server_listen(ls->srv, host, (int)port, (int)backlog);
+  if (rc < 0) return bind_uv_error(L, rc);
+  if (ls->self_ref == LUA_NOREF) {
+    lua_pushvalue(L, 1);
+    ls->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  lua_pushinteger(L, rc);
+  return 1;
+}
+
+static int server_close_l(lua_State *L) {
+  lua_server_t *ls = luaL_checkudata(L, 1, SERVER_MT);
+  if (ls->srv) server_close(ls->srv);
+  luaL_unref(L, LUA_REGISTRYINDEX, ls->self_ref);
+  ls->self_ref = LUA_NOREF;
+  return 0;
+}
+
+static int server_connections(lua_State *L) {
+  lua_server_t *ls = check_server(L);
+  lua_pushinteger(L, ls->srv->nconns);
+  return 1;
+}
+
+static int server_gc(lua_State *L) {
+  lua_server_t *ls = luaL_checkudata(L, 1, SERVER_MT);
+  if (ls->srv) server_release(ls->srv);
+  ls->srv = NULL;
+  if (!ls->rt->closing) luaL_unref(L, LUA_REGISTRYINDEX, ls->on_request_ref);
+  return 0;
+}
+
+/* conn:respond(status, headers, body): headers is a flat list
+ * { name1, value1, name2, value2, ... }. Returns true, or nil and why. */
+static int conn_respond(lua_State *L) {
+  conn_t *c = check_conn(L);
+  lua_Integer status = luaL_checkinteger(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  size_t body_len = 0;
+  const char *body = luaL_optlstring(L, 4, "", &body_len);
+  if (!c) {
+    lua_pushnil(L);
+    lua_pushstring(L, "connection closed");
+    return 2;
+  }
+  lua_Integer n = luaL_len(L, 3) / 2;
+  http_header_t *headers = lua_newuserdatauv(L, sizeof *headers * (size_t)(n ? n : 1), 0);
+  for (lua_Integer i = 0; i < n; i++) {
+    lua_rawgeti(L, 3, 2 * i + 1);
+    lua_rawgeti(L, 3, 2 * i + 2);
+    headers[i].name = luaL_checklstring(L, -2, &headers[i].name_len);
+    headers[i].value = luaL_checklstring(L, -1, &headers[i].value_len);
+    lua_pop(L, 2); /* still anchored by the table */
+  }
+  const char *err = NULL;
+  if (http_respond(c, (int)status, headers, (size_t)n, body, body_len, &err) != 0)
+    return luaL_error(L, "respond: %s", err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int conn_close_l(lua_State *L) {
+  conn_t *c = check_conn(L);
+  if (c) conn_close(c);
+  return 0;
+}
+
+static int conn_alive(lua_State *L) {
+  lua_pushboolean(L, check_conn(L) != NULL);
+  return 1;
+}
+
+static int conn_awaiting(lua_State *L) {
+  conn_t *c = check_conn(L);
+  lua_pushboolean(L, c && http_awaiting_response(c));
+  return 1;
+}
+
+/* conn:peer() -> ip, port */
+static int conn_peer(lua_State *L) {
+  conn_t *c = check_conn(L);
+  if (!c) return 0;
+  struct sockaddr_storage addr;
+  int len = sizeof addr;
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&addr, &len) != 0) return 0;
+  char ip[64] = "";
+  int port;
+  if (addr.ss_family == AF_INET6) {
+    uv_ip6_name((struct sockaddr_in6 *)&addr, ip, sizeof ip);
+    port = ntohs(((struct sockaddr_in6 *)&addr)->sin6_port);
+  } else {
+    uv_ip4_name((struct sockaddr_in *)&addr, ip, sizeof ip);
+    port = ntohs(((struct sockaddr_in *)&addr)->sin_port);
+  }
+  lua_pushstring(L, ip);
+  lua_pushinteger(L, port);
+  return 2;
+}
+
+void bind_server_open(lua_State *L, int runtime_idx) {
+  static const luaL_Reg server_methods[] = {
+      {"listen", server_listen_l}, {"close", server_close_l},
+      {"connections", server_connections}, {"__gc", server_gc}, {NULL, NULL}};
+  static const luaL_Reg conn_methods[] = {
+      {"respond", conn_respond}, {"close", conn_close_l}, {"alive", conn_alive},
+      {"awaiting", conn_awaiting}, {"peer", conn_peer}, {NULL, NULL}};
+  bind_new_class(L, runtime_idx, SERVER_MT, server_methods);
+  bind_new_class(L, runtime_idx, CONN_MT, conn_methods);
+  lua_pushvalue(L, runtime_idx);
+  lua_pushcclosure(L, core_server, 1);
+  lua_setfield(L, -2, "server");
+}

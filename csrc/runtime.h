@@ -1,0 +1,46 @@
+/* runtime: the one event loop that every server, connection and timer of a
+ * Lua state lives on, and the state shared across them. */
+#ifndef HERALD_RUNTIME_H
+#define HERALD_RUNTIME_H
+
+#include <stdint.h>
+#include <uv.h>
+
+typedef struct conn conn_t;
+typedef struct server server_t;
+typedef struct htimer htimer_t;
+typedef struct client client_t;
+
+#define HERALD_READ_CHUNK 65536
+
+typedef struct runtime {
+  uv_loop_t loop;
+  uv_prepare_t flusher;   /* writes every dirty conn's queue once per loop turn */
+  conn_t *dirty;          /* conns with queued output not yet handed to the kernel */
+  server_t *servers;      /* every server with listeners or connections */
+  htimer_t *timers;       /* Lua timers, closed with the state */
+  client_t *clients;      /* herald.test's client sockets */
+  uv_timer_t tick_timer;  /* bounds one run_once */
+  char date[40];          /* IMF-fixdate for the Date header, renewed each second */
+  int64_t date_sec;
+  int draining;           /* run() is shutting down: no new conns, finish the rest */
+  int stopped;            /* the drain finished: run() returns */
+  int running;            /* inside run() */
+  uv_timer_t drain_timer; /* bounds the drain by the servers' shutdown_timeout */
+  uv_signal_t sigint, sigterm;
+  int closing;            /* the Lua state is closing: no more calls into Lua */
+  void *lua;              /* lua_State of the thread currently running the loop */
+  int on_error_ref;       /* Lua logger for errors raised in callbacks */
+  char read_buf[HERALD_READ_CHUNK]; /* reads are handled synchronously: one buffer serves all */
+} runtime_t;
+
+/* Current Date header value (cached per second of loop time). */
+const char *runtime_date(runtime_t *rt);
+/* Logs an error that has no Lua handler to take it. */
+void runtime_log(runtime_t *rt, const char *fmt, ...);
+/* Starts draining every server; the loop stops when they are empty. */
+void runtime_drain(runtime_t *rt);
+/* Called by a server whenever it may have become empty during a drain. */
+void runtime_check_drained(runtime_t *rt);
+
+#endif

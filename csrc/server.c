@@ -1,0 +1,141 @@
+#include "server.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "conn.h"
+
+/* Beyond this many conns waiting for their 503, new ones are dropped
+ * without an answer: a flood must not cost memory. */
+#define MAX_REJECTING 256
+
+server_t *server_new(runtime_t *rt, const server_limits_t *limits, server_request_fn on_request,
+                     server_conn_closed_fn on_conn_closed, void *ud) {
+  server_t *s = calloc(1, sizeof *s);
+  if (!s) return NULL;
+  s->rt = rt;
+  s->limits = *limits;
+  s->on_request = on_request;
+  s->on_conn_closed = on_conn_closed;
+  s->ud = ud;
+  s->next_in_rt = rt->servers;
+  if (rt->servers) rt->servers->prev_in_rt = s;
+  rt->servers = s;
+  return s;
+}
+
+static void free_if_done(server_t *s) {
+  if (!s->orphaned || s->conns || s->listeners) return;
+  runtime_t *rt = s->rt;
+  if (s->prev_in_rt) s->prev_in_rt->next_in_rt = s->next_in_rt;
+  else rt->servers = s->next_in_rt;
+  if (s->next_in_rt) s->next_in_rt->prev_in_rt = s->prev_in_rt;
+  free(s);
+}
+
+static void on_listener_closed(uv_handle_t *h) {
+  listener_t *l = h->data;
+  free(l);
+}
+
+static void on_connection(uv_stream_t *stream, int status) {
+  listener_t *l = stream->data;
+  server_t *s = l->server;
+  if (status < 0 || s->draining) return;
+  int over = s->nconns - s->rejecting >= s->limits.max_connections;
+  if (over && s->rejecting >= MAX_REJECTING) {
+    /* Accept and drop: leaving it in the backlog would wake us forever. */
+    uv_tcp_t *t = malloc(sizeof *t);
+    if (!t) return;
+    uv_tcp_init(&s->rt->loop, t);
+    uv_accept(stream, (uv_stream_t *)t);
+    uv_close((uv_handle_t *)t, (uv_close_cb)free);
+    return;
+  }
+  conn_t *c = conn_accept(s, stream);
+  if (!c) return;
+  http_conn_start(c);
+  if (over) {
+    c->rejected = 1;
+    s->rejecting++;
+    http_fail(c, 503, "server at its connection limit\n");
+  }
+}
+
+static int resolve(const char *host, int port, struct sockaddr_storage *addr) {
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)addr) == 0) return 0;
+  if (uv_ip6_addr(host, port, (struct sockaddr_in6 *)addr) == 0) return 0;
+  return UV_EINVAL;
+}
+
+int server_listen(server_t *s, const char *host, int port, int backlog) {
+  struct sockaddr_storage addr;
+  int rc = resolve(host, port, &addr);
+  if (rc) return rc;
+  listener_t *l = calloc(1, sizeof *l);
+  if (!l) return UV_ENOMEM;
+  l->server = s;
+  uv_tcp_init(&s->rt->loop, &l->tcp);
+  l->tcp.data = l;
+  unsigned flags = addr.ss_family == AF_INET6 ? UV_TCP_IPV6ONLY : 0;
+  rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&addr, flags);
+  if (rc == 0) rc = uv_listen((uv_stream_t *)&l->tcp, backlog, on_connection);
+  if (rc != 0) {
+    uv_close((uv_handle_t *)&l->tcp, on_listener_closed);
+    return rc;
+  }
+  struct sockaddr_storage bound;
+  int len = sizeof bound;
+  uv_tcp_getsockname(&l->tcp, (struct sockaddr *)&bound, &len);
+  l->next = s->listeners;
+  s->listeners = l;
+  s->draining = 0;
+  return ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                                           : ((struct sockaddr_in *)&bound)->sin_port);
+}
+
+void server_close(server_t *s) {
+  s->draining = 1;
+  while (s->listeners) {
+    listener_t *l = s->listeners;
+    s->listeners = l->next;
+    uv_close((uv_handle_t *)&l->tcp, on_listener_closed);
+  }
+  for (conn_t *c = s->conns, *next; c; c = next) {
+    next = c->next;
+    if (!c->closing && c->proto->on_drain) c->proto->on_drain(c);
+  }
+  free_if_done(s);
+}
+
+void server_force_close(server_t *s) {
+  for (conn_t *c = s->conns; c; c = c->next) conn_close(c);
+}
+
+void server_release(server_t *s) {
+  s->orphaned = 1;
+  s->on_request = NULL;
+  s->on_conn_closed = NULL;
+  s->ud = NULL;
+  if (s->listeners || s->conns) server_close(s);
+  else free_if_done(s);
+}
+
+void server_add_conn(server_t *s, conn_t *c) {
+  c->prev = NULL;
+  c->next = s->conns;
+  if (s->conns) s->conns->prev = c;
+  s->conns = c;
+  s->nconns++;
+}
+
+void server_remove_conn(server_t *s, conn_t *c) {
+  if (c->prev) c->prev->next = c->next;
+  else s->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  s->nconns--;
+  if (c->rejected) s->rejecting--;
+  if (c->lua_handle && s->on_conn_closed) s->on_conn_closed(c, s->ud);
+  if (s->draining) runtime_check_drained(s->rt);
+  free_if_done(s);
+}

@@ -1,0 +1,67 @@
+/* server: one app's listeners and connections, with its limits. It accepts
+ * connections and hands each complete request to its handler. */
+#ifndef HERALD_SERVER_H
+#define HERALD_SERVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "http.h"
+#include "runtime.h"
+
+typedef struct server_limits {
+  size_t max_header_size;
+  size_t max_body_size;
+  uint64_t header_timeout_ms;
+  uint64_t idle_timeout_ms;
+  uint64_t shutdown_timeout_ms;
+  unsigned max_connections;
+} server_limits_t;
+
+typedef void (*server_request_fn)(conn_t *c, const http_request_t *req, void *ud);
+/* Runs when a conn that the handler knew of (it made a Lua handle) goes away. */
+typedef void (*server_conn_closed_fn)(conn_t *c, void *ud);
+
+typedef struct listener {
+  uv_tcp_t tcp;
+  server_t *server;
+  struct listener *next;
+} listener_t;
+
+struct server {
+  runtime_t *rt;
+  server_limits_t limits;
+  server_request_fn on_request;
+  server_conn_closed_fn on_conn_closed;
+  void *ud;
+  listener_t *listeners;
+  conn_t *conns;
+  unsigned nconns;
+  unsigned rejecting;     /* conns being answered 503 for max_connections */
+  int draining;
+  int orphaned;           /* its Lua owner is gone: free it once it is empty */
+  server_t *next_in_rt, *prev_in_rt;
+};
+
+server_t *server_new(runtime_t *rt, const server_limits_t *limits, server_request_fn on_request,
+                     server_conn_closed_fn on_conn_closed, void *ud);
+
+/* Binds and listens; returns the bound port, or a negative libuv error. */
+int server_listen(server_t *s, const char *host, int port, int backlog);
+
+/* Stops accepting and finishes every conn: idle ones close now, busy ones
+ * after their response. */
+void server_close(server_t *s);
+
+/* The owner lets go: freed now if empty, else closed and freed once empty. */
+void server_release(server_t *s);
+
+/* For the drain: close conns still open past the shutdown timeout. */
+void server_force_close(server_t *s);
+
+/* A conn joined or left (called by conn). */
+void server_add_conn(server_t *s, conn_t *c);
+void server_remove_conn(server_t *s, conn_t *c);
+
+#endif

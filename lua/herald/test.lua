@@ -1,0 +1,195 @@
+--- herald.test: drive a herald app from busted specs over real sockets.
+--
+--   local t = require "herald.test"
+--   local res = t.get(app, "/hello/x")
+--   assert.equal(200, res.status)
+--
+-- The app listens on 127.0.0.1, port 0, the first time a spec speaks to it;
+-- every wait runs the loop in the spec's process and is bounded by
+-- t.timeout seconds (5 unless set).
+local core = require "herald.core"
+
+local t = { timeout = 5 }
+
+--- The app's test port, listening on first use.
+function t.port(app)
+  if type(app) == "number" then return app end
+  if not app._test_port then
+    app._test_port = assert(app:listen { host = "127.0.0.1", port = 0 })
+  end
+  return app._test_port
+end
+
+--- Runs the loop until done() returns a true value, which it returns.
+-- Raises "timed out waiting for <what>" after timeout seconds.
+function t.wait(done, timeout, what)
+  local deadline = core.now() + (timeout or t.timeout) * 1000
+  while true do
+    local v = done()
+    if v then return v end
+    local left = deadline - core.now()
+    if left <= 0 then error("timed out waiting for " .. (what or "a condition"), 2) end
+    core.run_once(math.min(left, 50))
+  end
+end
+
+--- Runs the loop for ms milliseconds.
+function t.sleep(ms)
+  local deadline = core.now() + ms
+  while core.now() < deadline do core.run_once(deadline - core.now()) end
+end
+
+local client_methods = {}
+local client_mt = { __index = client_methods }
+
+--- A raw TCP connection to the app (or a port): c:send(bytes),
+-- c:read_until(pattern), c:wait_closed(), c.buffer, c.closed.
+function t.connect(app, host)
+  local c = setmetatable({ buffer = "", connected = false, closed = false }, client_mt)
+  c.socket = assert(core.connect(host or "127.0.0.1", t.port(app), function(event, data)
+    if event == "connect" then
+      c.connected = true
+    elseif event == "data" then
+      c.buffer = c.buffer .. data
+    else
+      c.closed = true
+      c.error = event == "error" and data or nil
+    end
+  end))
+  t.wait(function() return c.connected or c.closed end, nil, "connect")
+  if not c.connected then error("connect failed: " .. tostring(c.error), 2) end
+  return c
+end
+
+function client_methods:send(bytes)
+  assert(self.socket:write(bytes))
+  return self
+end
+
+--- Waits until the buffer matches pattern (a Lua pattern), and returns the
+-- captures (or the match).
+function client_methods:read_until(pattern, timeout)
+  local result
+  t.wait(function()
+    result = table.pack(self.buffer:find(pattern))
+    return result[1] ~= nil or self.closed
+  end, timeout, "data matching " .. pattern)
+  if result[1] == nil then return nil, "closed" end
+  if result.n > 2 then return table.unpack(result, 3, result.n) end
+  return self.buffer:sub(result[1], result[2])
+end
+
+--- Waits for the server to close the connection; returns everything read.
+function client_methods:wait_closed(timeout)
+  t.wait(function() return self.closed end, timeout, "the server to close")
+  return self.buffer
+end
+
+--- Takes one complete response off the buffer, waiting for it; nil, "closed"
+-- if the connection closed first. opts.head: the request was HEAD.
+function client_methods:response(opts)
+  local res, rest
+  t.wait(function()
+    res, rest = t.parse_response(self.buffer, opts, self.closed)
+    return res or self.closed
+  end, opts and opts.timeout, "a response")
+  if not res then return nil, "closed" end
+  self.buffer = rest
+  return res
+end
+
+function client_methods:close()
+  self.socket:close()
+  self.closed = true
+end
+
+function client_methods:shutdown()
+  self.socket:shutdown()
+end
+
+--- Parses one HTTP/1.1 response at the start of buffer: returns the
+-- response { status, reason, headers (lowercased names), body } and the
+-- rest of the buffer, or nil when it is not complete yet. eof: the
+-- connection closed, so a body without a length ends here.
+function t.parse_response(buffer, opts, eof)
+  local head_end = buffer:find("\r\n\r\n", 1, true)
+  if not head_end then return nil end
+  local head = buffer:sub(1, head_end - 1)
+  local status_line, header_lines = head:match("^([^\r\n]*)\r\n?(.*)$")
+  local version, status, reason = status_line:match("^(HTTP/%d%.%d) (%d%d%d) ?(.*)$")
+  if not version then error("not an HTTP response: " .. status_line, 2) end
+  local res = { version = version, status = tonumber(status), reason = reason, headers = {} }
+  for line in (header_lines .. "\r\n"):gmatch("([^\r\n]*)\r\n") do
+    local name, value = line:match("^([^:]+):%s*(.-)%s*$")
+    if name then
+      name = name:lower()
+      res.headers[name] = res.headers[name] and (res.headers[name] .. ", " .. value) or value
+    end
+  end
+  local body_start = head_end + 4
+  local bodiless = (opts and opts.head) or res.status < 200 or res.status == 204 or res.status == 304
+  local length = tonumber(res.headers["content-length"])
+  if bodiless then
+    res.body = ""
+  elseif length then
+    if #buffer - body_start + 1 < length then return nil end
+    res.body = buffer:sub(body_start, body_start + length - 1)
+    body_start = body_start + length
+  elseif eof then
+    res.body = buffer:sub(body_start)
+    body_start = #buffer + 1
+  else
+    return nil
+  end
+  return res, buffer:sub(body_start)
+end
+
+local function encode_request(method, path, headers, body)
+  headers = headers or {}
+  local lines = { ("%s %s HTTP/1.1"):format(method, path) }
+  local has = {}
+  for k, v in pairs(headers) do
+    lines[#lines + 1] = k .. ": " .. v
+    has[k:lower()] = true
+  end
+  if not has.host then lines[#lines + 1] = "Host: test" end
+  if body and not has["content-length"] and not has["transfer-encoding"] then
+    lines[#lines + 1] = "Content-Length: " .. #body
+  end
+  return table.concat(lines, "\r\n") .. "\r\n\r\n" .. (body or "")
+end
+t.encode_request = encode_request
+
+--- One request on a new connection: opts { method, path, headers, body,
+-- timeout }. Returns the response.
+function t.request(app, opts)
+  local method = opts.method or "GET"
+  local c = t.connect(app)
+  c:send(encode_request(method, opts.path or "/", opts.headers, opts.body))
+  local res, err = c:response { head = method == "HEAD", timeout = opts.timeout }
+  c:close()
+  if not res then error("no response: connection " .. err, 2) end
+  return res
+end
+
+function t.get(app, path, headers)
+  return t.request(app, { method = "GET", path = path, headers = headers })
+end
+
+function t.head(app, path, headers)
+  return t.request(app, { method = "HEAD", path = path, headers = headers })
+end
+
+function t.post(app, path, body, headers)
+  return t.request(app, { method = "POST", path = path, body = body, headers = headers })
+end
+
+function t.put(app, path, body, headers)
+  return t.request(app, { method = "PUT", path = path, body = body, headers = headers })
+end
+
+function t.delete(app, path, headers)
+  return t.request(app, { method = "DELETE", path = path, headers = headers })
+end
+
+return t
