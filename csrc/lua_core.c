@@ -283,14 +283,14 @@ static void close_owned(uv_handle_t *h, void *arg) {
 }
 
 static int runtime_gc(lua_State *L) {
-  runtime_t *rt = luaL_checkudata(L, 1, RUNTIME_MT);
+  runtime_t *rt = lua_touserdata(L, 1);
   rt->closing = 1;
   while (rt->timers) timer_release(rt->timers, NULL);
   bind_client_close_all(rt);
   for (server_t *s = rt->servers, *next; s; s = next) {
     next = s->next_in_rt;
-    server_release(s);
     server_force_close(s);
+    server_release(s); /* frees it once its conns are closed */
   }
   /* What is left is the runtime's own handles, closed without callbacks. */
   uv_run(&rt->loop, UV_RUN_NOWAIT);
@@ -337,7 +337,7 @@ __attribute__((visibility("default"))) int luaopen_herald_core(lua_State *L) {
   int rt_idx = lua_gettop(L);
   /* The runtime lives as long as the state: the registry holds it. */
   lua_pushvalue(L, rt_idx);
-  lua_setfield(L, LUA_REGISTRYINDEX, RUNTIME_MT);
+  lua_setfield(L, LUA_REGISTRYINDEX, "herald.runtime.instance");
   bind_new_class(L, rt_idx, TIMER_MT, timer_methods);
   lua_newtable(L);
   lua_pushvalue(L, rt_idx);
