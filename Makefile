@@ -1,4 +1,4 @@
-# herald: make deps | build | test | demo | asan | lint | rock | clean
+# herald: make deps | build | test | demo | asan | lint | release | install | rock | clean
 LUA      ?= lua5.4
 CC       ?= cc
 LLHTTP   ?= /usr/share/llhttp
@@ -11,13 +11,17 @@ SRCS     := $(wildcard csrc/*.c)
 HDRS     := $(wildcard csrc/*.h)
 LLHTTP_SRCS := $(LLHTTP)/llhttp.c $(LLHTTP)/api.c $(LLHTTP)/http.c
 
-BASE_CFLAGS := -std=c11 -D_DEFAULT_SOURCE -fPIC -fvisibility=hidden -I$(LLHTTP_H) $(LUA_INC)
+UV_INC   ?=
+
+BASE_CFLAGS := -std=c11 -D_DEFAULT_SOURCE -fPIC -fvisibility=hidden -I$(LLHTTP_H) $(LUA_INC) $(UV_INC)
 DEV_CFLAGS  := $(BASE_CFLAGS) -O2 -g -Wall -Wextra -Werror
+# What luarocks builds: the same code, warnings not fatal on another compiler.
+RELEASE_CFLAGS := $(BASE_CFLAGS) -O2 -Wall
 ASAN_CFLAGS := $(BASE_CFLAGS) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined -Wall -Wextra
 # llhttp is generated code: built with its own flags, never -Werror.
 LLHTTP_CFLAGS := -std=c11 -fPIC -fvisibility=hidden -O2 -I$(LLHTTP_H)
 
-.PHONY: all deps build asan test demo lint rock clean
+.PHONY: all deps build asan release install test demo lint rock clean
 
 all: build
 
@@ -26,6 +30,15 @@ deps:
 
 build: $(BUILD)/dev/herald/core.so
 asan: $(BUILD)/asan/herald/core.so
+release: $(BUILD)/release/herald/core.so
+
+# luarocks passes INST_LIBDIR (C modules) and INST_LUADIR (Lua modules).
+INST_LIBDIR ?= /usr/local/lib/lua/5.4
+INST_LUADIR ?= /usr/local/share/lua/5.4
+install: release
+	install -d $(INST_LIBDIR)/herald $(INST_LUADIR)/herald
+	install -m 755 $(BUILD)/release/herald/core.so $(INST_LIBDIR)/herald/core.so
+	install -m 644 lua/herald/*.lua $(INST_LUADIR)/herald/
 
 $(BUILD)/llhttp/%.o: $(LLHTTP)/%.c
 	@mkdir -p $(dir $@)
@@ -38,6 +51,10 @@ $(BUILD)/llhttp-asan/%.o: $(LLHTTP)/%.c
 $(BUILD)/dev/herald/core.so: $(SRCS) $(HDRS) $(LLHTTP_SRCS:$(LLHTTP)/%.c=$(BUILD)/llhttp/%.o)
 	@mkdir -p $(dir $@)
 	$(CC) $(DEV_CFLAGS) -shared -o $@ $(SRCS) $(filter %.o,$^) $(UV_LIBS)
+
+$(BUILD)/release/herald/core.so: $(SRCS) $(HDRS) $(LLHTTP_SRCS:$(LLHTTP)/%.c=$(BUILD)/llhttp/%.o)
+	@mkdir -p $(dir $@)
+	$(CC) $(RELEASE_CFLAGS) -shared -o $@ $(SRCS) $(filter %.o,$^) $(UV_LIBS)
 
 $(BUILD)/asan/herald/core.so: $(SRCS) $(HDRS) $(LLHTTP_SRCS:$(LLHTTP)/%.c=$(BUILD)/llhttp-asan/%.o)
 	@mkdir -p $(dir $@)

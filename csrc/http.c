@@ -87,6 +87,7 @@ static void reset_request(http_conn_t *h) {
   h->nheaders = 0;
   h->raw_head_bytes = 0;
   h->in_message = h->headers_done = h->expect_continue = 0;
+  h->fail_status = 0;
 }
 
 static int on_message_begin(llhttp_t *p) {
@@ -104,7 +105,9 @@ static int on_url(llhttp_t *p, const char *at, size_t len) {
 }
 
 static int on_url_complete(llhttp_t *p) {
-  return append_head(p, "", 1, 0) ? HPE_USER : 0;
+  if (append_head(p, "", 1, 0)) return HPE_USER;
+  HTTP(p)->field_start = HTTP(p)->head.len;
+  return 0;
 }
 
 static int on_header_field(llhttp_t *p, const char *at, size_t len) {
@@ -112,7 +115,12 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
 }
 
 static int on_header_field_complete(llhttp_t *p) {
-  if (++HTTP(p)->nheaders > MAX_HEADERS) return fail_in_callback(p, 431);
+  http_conn_t *h = HTTP(p);
+  /* llhttp lets "Name :" and an empty name through; RFC 9112 5.1 says 400 */
+  size_t len = h->head.len - h->field_start;
+  if (len == 0 || h->head.data[h->head.len - 1] == ' ' || h->head.data[h->head.len - 1] == '\t')
+    return fail_in_callback(p, 400);
+  if (++h->nheaders > MAX_HEADERS) return fail_in_callback(p, 431);
   return append_head(p, "", 1, 0) ? HPE_USER : 0;
 }
 
@@ -121,7 +129,9 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
 }
 
 static int on_header_value_complete(llhttp_t *p) {
-  return append_head(p, "", 1, 0) ? HPE_USER : 0;
+  if (append_head(p, "", 1, 0)) return HPE_USER;
+  HTTP(p)->field_start = HTTP(p)->head.len;
+  return 0;
 }
 
 /* The value of a header of the request being read, or NULL. */
@@ -349,11 +359,12 @@ static void execute(conn_t *c, const char *data, size_t len) {
       conn_pause_reading(c);
       return;
     }
-    if (err == HPE_USER) {
+    if (h->fail_status) { /* llhttp may report a callback's refusal under another code */
       int status = h->fail_status;
       const char *text = status == 413   ? "request body too large\n"
                          : status == 414 ? "request target too long\n"
                          : status == 431 ? "request header section too large\n"
+                         : status == 400 ? "bad request: malformed header field name\n"
                                          : "server out of memory\n";
       http_fail(c, status, text);
       return;

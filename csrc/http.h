@@ -17,6 +17,7 @@ typedef struct http_conn {
   hstr_t head;            /* url \0 (name \0 value \0)* of the request being read */
   hstr_t body;
   size_t url_len;
+  size_t field_start;     /* where the header name being read starts in head */
   size_t raw_head_bytes;  /* bytes fed while the head was incomplete */
   unsigned nheaders;
   unsigned in_message : 1, headers_done : 1, expect_continue : 1, keep_alive : 1,
@@ -32,6 +33,7 @@ typedef struct http_request {
   const char *method;
   const char *url;
   size_t url_len;
+  size_t field_start;     /* where the header name being read starts in head */
   int version_major, version_minor;
   const char *headers;    /* nheaders pairs of NUL-terminated name, value; names lowercased */
   unsigned nheaders;

@@ -47,7 +47,7 @@ local function seconds_to_ms(s) return math.floor(s * 1000 + 0.5) end
 --- herald.new(opts): an app. Options and defaults: herald.defaults.
 function herald.new(opts)
   local o = options.check(app_schema, opts, "herald.new", 2)
-  local app = setmetatable({ options = o, router = router.new(), logger = default_logger }, app_mt)
+  local app = setmetatable({ config = o, router = router.new(), logger = default_logger }, app_mt)
   app.server = core.server({
     max_header_size = o.max_header_size,
     max_body_size = o.max_body_size,

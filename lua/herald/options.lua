@@ -28,7 +28,7 @@ function options.check(schema, given, what, level)
         error(("%s: option '%s' must be a%s %s, got %s"):format(what, name,
           rule.type == "integer" and "n" or "", rule.type, type(v)), level)
       end
-      if (rule.min and v < rule.min) or (rule.max and v > rule.max) then
+      if v ~= v or (rule.min and v < rule.min) or (rule.max and v > rule.max) then
         error(("%s: option '%s' must be from %s to %s, got %s"):format(what, name,
           tostring(rule.min), tostring(rule.max), tostring(v)), level)
       end

@@ -115,7 +115,9 @@ function response_methods:file(path, opts)
   local escapes = path:find("%z") or ("/" .. path .. "/"):find("/%.%./")
   local full = opts.root and (opts.root:gsub("/+$", "") .. "/" .. path:gsub("^/+", "")) or path
   local f = not escapes and io.open(full, "rb")
-  local size = f and f:seek("end")
+  local dir = f and io.open(full .. "/") -- only a directory opens with a trailing slash
+  if dir then dir:close() end
+  local size = f and not dir and f:seek("end")
   if size and size > response.max_file_size then
     f:close()
     error(("file: %s is larger than response.max_file_size (%d bytes)")

@@ -42,20 +42,29 @@ end
 local client_methods = {}
 local client_mt = { __index = client_methods }
 
---- A raw TCP connection to the app (or a port): c:send(bytes),
--- c:read_until(pattern), c:wait_closed(), c.buffer, c.closed.
-function t.connect(app, host)
+--- Starts a raw TCP connection without waiting for it: for use inside
+-- herald.run(), where the spec cannot drive the loop. Bytes sent before the
+-- connection is up are sent once it is.
+function t.open(app, host)
   local c = setmetatable({ buffer = "", connected = false, closed = false }, client_mt)
   c.socket = assert(core.connect(host or "127.0.0.1", t.port(app), function(event, data)
     if event == "connect" then
       c.connected = true
     elseif event == "data" then
       c.buffer = c.buffer .. data
-    else
+    else -- eof or error: like a browser, close our side too
       c.closed = true
       c.error = event == "error" and data or nil
+      if event == "eof" then c.socket:close() end
     end
   end))
+  return c
+end
+
+--- A raw TCP connection to the app (or a port): c:send(bytes),
+-- c:read_until(pattern), c:response(), c:wait_closed(), c.buffer, c.closed.
+function t.connect(app, host)
+  local c = t.open(app, host)
   t.wait(function() return c.connected or c.closed end, nil, "connect")
   if not c.connected then error("connect failed: " .. tostring(c.error), 2) end
   return c
