@@ -285,6 +285,9 @@ int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nhe
     return -1;
   }
   int close = !h->keep_alive || c->server->draining || c->rt->draining;
+  /* Connection is ours to set: drop the caller's copy, keep its wish. */
+  http_header_t kept[nheaders ? nheaders : 1];
+  size_t nkept = 0;
   for (size_t i = 0; i < nheaders; i++) {
     if (has_line_break(headers[i].name, headers[i].name_len) ||
         has_line_break(headers[i].value, headers[i].value_len)) {
@@ -293,14 +296,10 @@ int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nhe
     }
     if (headers[i].name_len == 10 && strncasecmp(headers[i].name, "connection", 10) == 0) {
       if (headers[i].value_len == 5 && strncasecmp(headers[i].value, "close", 5) == 0) close = 1;
+    } else {
+      kept[nkept++] = headers[i];
     }
   }
-  /* Connection is ours to set: drop the caller's copy, keep its wish. */
-  http_header_t kept[nheaders ? nheaders : 1];
-  size_t nkept = 0;
-  for (size_t i = 0; i < nheaders; i++)
-    if (!(headers[i].name_len == 10 && strncasecmp(headers[i].name, "connection", 10) == 0))
-      kept[nkept++] = headers[i];
   if (build_and_send(c, status, kept, nkept, body, body_len, close) != 0) {
     *err = "out of memory";
     return -1;

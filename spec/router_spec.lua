@@ -194,8 +194,9 @@ describe("router", function()
   end)
 
   describe("most specific route wins", function()
-    it("literal > parameter > splat whatever the definition order", function()
-      local routes = { "/u/*", "/u/:id", "/u/me" }
+    -- Defines routes in every order, and checks each case { path, pattern
+    -- expected to serve it, params expected } against each order.
+    local function check_every_order(routes, cases)
       for _, order in ipairs(permutations(routes)) do
         local r = router.new()
         local handlers = {}
@@ -204,45 +205,32 @@ describe("router", function()
           r:add("GET", pattern, handlers[pattern])
         end
         local label = table.concat(order, " ")
-        local h, params = r:match("GET", "/u/me")
-        assert.equal(handlers["/u/me"], h, label)
-        assert.same({}, params, label)
-        h, params = r:match("GET", "/u/42")
-        assert.equal(handlers["/u/:id"], h, label)
-        assert.same({ id = "42" }, params, label)
-        h, params = r:match("GET", "/u/42/x")
-        assert.equal(handlers["/u/*"], h, label)
-        assert.same({ splat = "42/x" }, params, label)
-        h, params = r:match("GET", "/u")
-        assert.equal(handlers["/u/*"], h, label)
-        assert.same({ splat = "" }, params, label)
+        for _, case in ipairs(cases) do
+          local h, params = r:match("GET", case[1])
+          assert.equal(handlers[case[2]], h, label .. " " .. case[1])
+          assert.same(case[3], params, label .. " " .. case[1])
+        end
       end
+    end
+
+    it("literal > parameter > splat whatever the definition order", function()
+      check_every_order({ "/u/*", "/u/:id", "/u/me" }, {
+        { "/u/me", "/u/me", {} },
+        { "/u/42", "/u/:id", { id = "42" } },
+        { "/u/42/x", "/u/*", { splat = "42/x" } },
+        { "/u", "/u/*", { splat = "" } },
+      })
     end)
 
     it("backtracks when the literal branch fails deeper", function()
-      for _, order in ipairs(permutations { "/a/b/x", "/a/:p/c", "/a/*" }) do
-        local r = router.new()
-        local handlers = {}
-        for _, pattern in ipairs(order) do
-          handlers[pattern] = handler()
-          r:add("GET", pattern, handlers[pattern])
-        end
-        local label = table.concat(order, " ")
-        local h, params = r:match("GET", "/a/b/x")
-        assert.equal(handlers["/a/b/x"], h, label)
-        assert.same({}, params, label)
-        h, params = r:match("GET", "/a/b/c")
-        assert.equal(handlers["/a/:p/c"], h, label)
-        assert.same({ p = "b" }, params, label)
+      check_every_order({ "/a/b/x", "/a/:p/c", "/a/*" }, {
+        { "/a/b/x", "/a/b/x", {} },
+        { "/a/b/c", "/a/:p/c", { p = "b" } },
         -- neither the literal nor the parameter branch: the splat, without
         -- the parameter the failed branch had captured
-        h, params = r:match("GET", "/a/b/d")
-        assert.equal(handlers["/a/*"], h, label)
-        assert.same({ splat = "b/d" }, params, label)
-        h, params = r:match("GET", "/a/z/c/more")
-        assert.equal(handlers["/a/*"], h, label)
-        assert.same({ splat = "z/c/more" }, params, label)
-      end
+        { "/a/b/d", "/a/*", { splat = "b/d" } },
+        { "/a/z/c/more", "/a/*", { splat = "z/c/more" } },
+      })
     end)
 
     it("prefers a literal to a parameter at the first segment too", function()
