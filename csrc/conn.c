@@ -36,6 +36,7 @@ void conn_close(conn_t *c) {
   if (c->closing) return;
   c->closing = 1;
   if (c->proto && c->proto->on_close) c->proto->on_close(c);
+  hub_member_release(c);
   uv_close((uv_handle_t *)&c->timer, on_handle_closed);
   uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
 }

@@ -9,6 +9,7 @@
 
 #include "buf.h"
 #include "http.h"
+#include "hub.h"
 #include "runtime.h"
 
 typedef struct conn_proto {
@@ -25,6 +26,9 @@ typedef struct conn_proto {
   void (*on_drain)(conn_t *c);
   /* The conn is going away: release the protocol's state. */
   void (*on_close)(conn_t *c);
+  /* A hub message for a subscribed conn; NULL while the protocol cannot
+   * take messages (HTTP: the stream is still opening). */
+  void (*deliver)(conn_t *c, hub_msg_t *m);
 } conn_proto_t;
 
 typedef struct out_item {
@@ -45,10 +49,13 @@ struct conn {
   unsigned out_head, out_len, out_cap, out_inflight;
   size_t queued_bytes;     /* bytes queued and not yet written */
   unsigned handles_open;   /* tcp and timer: freed when both are closed */
-  unsigned dirty : 1, writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1;
+  unsigned dirty : 1, writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1,
+      notify_close : 1;    /* tell Lua when it goes: it held a stream */
+  uint32_t heartbeat_ms;   /* SSE: comment interval */
   int lua_ref;             /* registry ref of the Lua handle, if one was made */
   void *lua_handle;        /* that handle's userdata, cleared on close */
   http_conn_t http;
+  hub_member_t member;
 };
 
 /* Accepts a pending connection on listener into a new conn of server. */

@@ -13,6 +13,8 @@
  * keep-alive conn costs little. */
 #define KEEP_BUFFER_BYTES 4096
 
+static const conn_proto_t http_proto;
+
 #define HTTP(p) (&((conn_t *)(p)->data)->http)
 #define CONN(p) ((conn_t *)(p)->data)
 
@@ -201,7 +203,7 @@ static int on_message_complete(llhttp_t *p) {
   h->head_request = p->method == HTTP_HEAD;
   h->requests++;
   if (c->server->on_request) c->server->on_request(c, &req, c->server->ud);
-  if (c->closing) return HPE_PAUSED;
+  if (c->closing || c->proto != &http_proto) return HPE_PAUSED;
   if (http_awaiting_response(c)) {
     static const char text[] = "the handler did not answer\n";
     http_respond(c, 500, NULL, 0, text, sizeof text - 1, NULL);
@@ -233,6 +235,8 @@ static void append_str(hstr_t *s, const char *text) {
   hstr_append(s, text, strlen(text));
 }
 
+/* close: the conn ends after this response. A stream's head (body_len
+ * SIZE_MAX) has no length: the body runs until the conn closes. */
 static int build_and_send(conn_t *c, int status, const http_header_t *headers, size_t nheaders,
                           const char *body, size_t body_len, int close) {
   http_conn_t *h = &c->http;
@@ -247,12 +251,15 @@ static int build_and_send(conn_t *c, int status, const http_header_t *headers, s
     hstr_append(&out, headers[i].value, headers[i].value_len);
     hstr_append(&out, "\r\n", 2);
   }
-  int bodiless = status < 200 || status == 204 || status == 304;
+  int streaming = body_len == SIZE_MAX;
+  int bodiless = status < 200 || status == 204 || status == 304 || streaming;
   if (!bodiless) {
     snprintf(line, sizeof line, "Content-Length: %zu\r\n", body_len);
     append_str(&out, line);
   }
-  if (close)
+  if (streaming)
+    ;
+  else if (close)
     append_str(&out, "Connection: close\r\n");
   else if (h->parser.http_major == 1 && h->parser.http_minor == 0)
     append_str(&out, "Connection: keep-alive\r\n");
@@ -271,11 +278,11 @@ static int has_line_break(const char *s, size_t len) {
   return 0;
 }
 
-int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nheaders,
-                 const char *body, size_t body_len, const char **err) {
-  const char *dummy;
-  if (!err) err = &dummy;
-  http_conn_t *h = &c->http;
+/* Checks a response's status and headers and drops the caller's Connection
+ * header (ours to set); *close becomes 1 if the caller asked to close.
+ * Returns how many headers were kept in kept, or -1 with *err set. */
+static long check_response(conn_t *c, int status, const http_header_t *headers, size_t nheaders,
+                           http_header_t *kept, int *close, const char **err) {
   if (!http_awaiting_response(c)) {
     *err = "no request is waiting for a response";
     return -1;
@@ -284,10 +291,7 @@ int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nhe
     *err = "status must be between 100 and 999";
     return -1;
   }
-  int close = !h->keep_alive || c->server->draining || c->rt->draining;
-  /* Connection is ours to set: drop the caller's copy, keep its wish. */
-  http_header_t kept[nheaders ? nheaders : 1];
-  size_t nkept = 0;
+  long nkept = 0;
   for (size_t i = 0; i < nheaders; i++) {
     if (has_line_break(headers[i].name, headers[i].name_len) ||
         has_line_break(headers[i].value, headers[i].value_len)) {
@@ -295,12 +299,50 @@ int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nhe
       return -1;
     }
     if (headers[i].name_len == 10 && strncasecmp(headers[i].name, "connection", 10) == 0) {
-      if (headers[i].value_len == 5 && strncasecmp(headers[i].value, "close", 5) == 0) close = 1;
+      if (headers[i].value_len == 5 && strncasecmp(headers[i].value, "close", 5) == 0) *close = 1;
     } else {
       kept[nkept++] = headers[i];
     }
   }
-  if (build_and_send(c, status, kept, nkept, body, body_len, close) != 0) {
+  return nkept;
+}
+
+static void release_buffers(http_conn_t *h) {
+  hstr_free(&h->head);
+  hstr_free(&h->body);
+  free(h->pending);
+  h->pending = NULL;
+}
+
+int http_takeover(conn_t *c, int status, const http_header_t *headers, size_t nheaders,
+                  const conn_proto_t *proto, const char **err) {
+  http_header_t kept[nheaders ? nheaders : 1];
+  int close = 0;
+  long nkept = check_response(c, status, headers, nheaders, kept, &close, err);
+  if (nkept < 0) return -1;
+  if (build_and_send(c, status, kept, (size_t)nkept, NULL, SIZE_MAX, 0) != 0) {
+    *err = "out of memory";
+    return -1;
+  }
+  c->http.responses++;
+  release_buffers(&c->http);
+  conn_stop_timer(c);
+  c->proto = proto;
+  conn_resume_reading(c); /* to see the peer go */
+  return 0;
+}
+
+int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nheaders,
+                 const char *body, size_t body_len, const char **err) {
+  const char *dummy;
+  if (!err) err = &dummy;
+  http_conn_t *h = &c->http;
+  int close = !h->keep_alive || c->server->draining || c->rt->draining;
+  http_header_t kept[nheaders ? nheaders : 1];
+  long nkept = check_response(c, status, headers, nheaders, kept, &close, err);
+  if (nkept < 0) return -1;
+  if (body_len == SIZE_MAX) body_len--; /* that length means a stream's head */
+  if (build_and_send(c, status, kept, (size_t)nkept, body, body_len, close) != 0) {
     *err = "out of memory";
     return -1;
   }
@@ -326,7 +368,7 @@ static void execute(conn_t *c, const char *data, size_t len) {
   llhttp_t *p = &h->parser;
   for (;;) {
     llhttp_errno_t err = llhttp_execute(p, data, len);
-    if (c->closing || c->ending) return;
+    if (c->closing || c->ending || c->proto != &http_proto) return; /* the rest is not ours */
     if (err == HPE_OK) {
       if (h->in_message && !h->headers_done) {
         h->raw_head_bytes += len;
@@ -421,11 +463,7 @@ static void on_drain(conn_t *c) {
 }
 
 static void on_close(conn_t *c) {
-  http_conn_t *h = &c->http;
-  hstr_free(&h->head);
-  hstr_free(&h->body);
-  free(h->pending);
-  h->pending = NULL;
+  release_buffers(&c->http);
 }
 
 static const conn_proto_t http_proto = {

@@ -53,6 +53,13 @@ void http_conn_start(conn_t *c);
 int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nheaders,
                  const char *body, size_t body_len, const char **err);
 
+/* Answers the waiting request with a head and no length, and hands the conn
+ * to proto, which writes the body as a stream (SSE) or speaks another
+ * protocol after a 101 (WebSocket). Returns 0, or -1 with *err set. */
+typedef struct conn_proto conn_proto_t;
+int http_takeover(conn_t *c, int status, const http_header_t *headers, size_t nheaders,
+                  const conn_proto_t *proto, const char **err);
+
 /* Answers with a short text body and closes: used for protocol errors. */
 void http_fail(conn_t *c, int status, const char *text);
 

@@ -31,6 +31,20 @@ void bind_new_class(lua_State *L, int runtime_idx, const char *name, const luaL_
 void bind_server_open(lua_State *L, int runtime_idx);
 void bind_client_open(lua_State *L, int runtime_idx);
 
+typedef struct conn conn_t;
+typedef struct http_header http_header_t;
+
+/* A conn's Lua handle (made once per conn); the conn from the handle at idx,
+ * NULL once it is closed. */
+void bind_push_conn(lua_State *L, conn_t *c);
+conn_t *bind_check_conn(lua_State *L, int idx);
+
+/* Reads a flat list { name1, value1, ... } at idx into headers kept alive by
+ * a userdata left on the stack; *n is the count. */
+http_header_t *bind_check_headers(lua_State *L, int idx, size_t *n);
+
+void bind_hub_open(lua_State *L, int runtime_idx);
+
 /* Closes what the binding owns when the Lua state closes. */
 void bind_client_close_all(runtime_t *rt);
 

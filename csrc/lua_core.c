@@ -344,6 +344,7 @@ __attribute__((visibility("default"))) int luaopen_herald_core(lua_State *L) {
   luaL_setfuncs(L, functions, 1);
   bind_server_open(L, rt_idx);
   bind_client_open(L, rt_idx);
+  bind_hub_open(L, rt_idx);
   lua_pushstring(L, uv_version_string());
   lua_setfield(L, -2, "libuv_version");
   return 1;

@@ -13,6 +13,7 @@ typedef struct lua_server {
   server_t *srv;
   runtime_t *rt;
   int on_request_ref;
+  int on_closed_ref;   /* called with a stream's conn when it goes */
   int self_ref;        /* anchors a listening server that Lua dropped */
 } lua_server_t;
 
@@ -26,13 +27,13 @@ static lua_server_t *check_server(lua_State *L) {
   return ls;
 }
 
-static conn_t *check_conn(lua_State *L) {
-  conn_handle_t *h = luaL_checkudata(L, 1, CONN_MT);
+conn_t *bind_check_conn(lua_State *L, int idx) {
+  conn_handle_t *h = luaL_checkudata(L, idx, CONN_MT);
   return h->c && !h->c->closing ? h->c : NULL;
 }
+#define check_conn(L) bind_check_conn(L, 1)
 
-/* The conn's handle, made once and kept until the conn goes. */
-static void push_conn(lua_State *L, conn_t *c) {
+void bind_push_conn(lua_State *L, conn_t *c) {
   if (c->lua_handle) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, c->lua_ref);
     return;
@@ -47,9 +48,16 @@ static void push_conn(lua_State *L, conn_t *c) {
 
 static void on_conn_closed(conn_t *c, void *ud) {
   lua_server_t *ls = ud;
+  lua_State *L = ls->rt->lua;
+  int live = !ls->rt->closing && L;
+  if (live && c->notify_close && ls->on_closed_ref != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ls->on_closed_ref);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->lua_ref);
+    bind_call(ls->rt, 1);
+  }
   ((conn_handle_t *)c->lua_handle)->c = NULL;
   c->lua_handle = NULL;
-  if (!ls->rt->closing && ls->rt->lua) luaL_unref(ls->rt->lua, LUA_REGISTRYINDEX, c->lua_ref);
+  if (live) luaL_unref(L, LUA_REGISTRYINDEX, c->lua_ref);
 }
 
 /* Builds the request table: method, url, version, headers (lowercased
@@ -89,12 +97,12 @@ static void on_request(conn_t *c, const http_request_t *req, void *ud) {
   lua_State *L = ls->rt->lua;
   if (!L || ls->rt->closing) return;
   lua_rawgeti(L, LUA_REGISTRYINDEX, ls->on_request_ref);
-  push_conn(L, c);
+  bind_push_conn(L, c);
   push_request(L, req);
   bind_call(ls->rt, 2); /* a failure is logged; http answers 500 for it */
 }
 
-/* server(limits, on_request) */
+/* server(limits, on_request, on_closed) */
 static int core_server(lua_State *L) {
   runtime_t *rt = bind_runtime(L);
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -113,6 +121,12 @@ static int core_server(lua_State *L) {
   ls->self_ref = LUA_NOREF;
   lua_pushvalue(L, 2);
   ls->on_request_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  ls->on_closed_ref = LUA_NOREF;
+  if (!lua_isnoneornil(L, 3)) {
+    luaL_checktype(L, 3, LUA_TFUNCTION);
+    lua_pushvalue(L, 3);
+    ls->on_closed_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
   luaL_setmetatable(L, SERVER_MT);
   ls->srv = server_new(rt, &limits, on_request, on_conn_closed, ls);
   if (!ls->srv) return luaL_error(L, "out of memory");
@@ -154,8 +168,26 @@ static int server_gc(lua_State *L) {
   lua_server_t *ls = luaL_checkudata(L, 1, SERVER_MT);
   if (ls->srv) server_release(ls->srv);
   ls->srv = NULL;
-  if (!ls->rt->closing) luaL_unref(L, LUA_REGISTRYINDEX, ls->on_request_ref);
+  if (!ls->rt->closing) {
+    luaL_unref(L, LUA_REGISTRYINDEX, ls->on_request_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, ls->on_closed_ref);
+  }
   return 0;
+}
+
+http_header_t *bind_check_headers(lua_State *L, int idx, size_t *n) {
+  luaL_checktype(L, idx, LUA_TTABLE);
+  lua_Integer count = luaL_len(L, idx) / 2;
+  http_header_t *headers = lua_newuserdatauv(L, sizeof *headers * (size_t)(count ? count : 1), 0);
+  for (lua_Integer i = 0; i < count; i++) {
+    lua_rawgeti(L, idx, 2 * i + 1);
+    lua_rawgeti(L, idx, 2 * i + 2);
+    headers[i].name = luaL_checklstring(L, -2, &headers[i].name_len);
+    headers[i].value = luaL_checklstring(L, -1, &headers[i].value_len);
+    lua_pop(L, 2); /* still anchored by the table */
+  }
+  *n = (size_t)count;
+  return headers;
 }
 
 /* conn:respond(status, headers, body): headers is a flat list
@@ -171,17 +203,10 @@ static int conn_respond(lua_State *L) {
     lua_pushstring(L, "connection closed");
     return 2;
   }
-  lua_Integer n = luaL_len(L, 3) / 2;
-  http_header_t *headers = lua_newuserdatauv(L, sizeof *headers * (size_t)(n ? n : 1), 0);
-  for (lua_Integer i = 0; i < n; i++) {
-    lua_rawgeti(L, 3, 2 * i + 1);
-    lua_rawgeti(L, 3, 2 * i + 2);
-    headers[i].name = luaL_checklstring(L, -2, &headers[i].name_len);
-    headers[i].value = luaL_checklstring(L, -1, &headers[i].value_len);
-    lua_pop(L, 2); /* still anchored by the table */
-  }
+  size_t n;
+  http_header_t *headers = bind_check_headers(L, 3, &n);
   const char *err = NULL;
-  if (http_respond(c, (int)status, headers, (size_t)n, body, body_len, &err) != 0)
+  if (http_respond(c, (int)status, headers, n, body, body_len, &err) != 0)
     return luaL_error(L, "respond: %s", err);
   lua_pushboolean(L, 1);
   return 1;

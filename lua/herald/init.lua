@@ -5,6 +5,8 @@ local options = require "herald.options"
 local router = require "herald.router"
 local request = require "herald.request"
 local response = require "herald.response"
+local topics = require "herald.topics"
+local stream = require "herald.stream"
 
 local herald = { _VERSION = "herald scm" }
 
@@ -15,6 +17,13 @@ local app_schema = {
   idle_timeout = { type = "number", default = 60, min = 0.05, max = 86400 },
   shutdown_timeout = { type = "number", default = 5, min = 0, max = 3600 },
   max_connections = { type = "integer", default = 10000, min = 1, max = 1000000 },
+  -- topics and streams
+  history = { type = "integer", default = 100, min = 0, max = 1000000 },
+  max_age = { type = "number", default = 300, min = 0, max = 31536000 },
+  policy = { type = "string", default = "close" },
+  heartbeat = { type = "number", default = 15, min = 0, max = 3600 },
+  max_queued = { type = "integer", default = 1048576, min = 1024, max = 1073741824 },
+  max_subscriptions = { type = "integer", default = 100, min = 1, max = 100000 },
 }
 herald.defaults = {}
 for name, rule in pairs(app_schema) do herald.defaults[name] = rule.default end
@@ -47,7 +56,13 @@ local function seconds_to_ms(s) return math.floor(s * 1000 + 0.5) end
 --- herald.new(opts): an app. Options and defaults: herald.defaults.
 function herald.new(opts)
   local o = options.check(app_schema, opts, "herald.new", 2)
+  if o.policy ~= "close" and o.policy ~= "conflate" then
+    error("herald.new: option 'policy' must be \"close\" or \"conflate\", got " .. o.policy, 2)
+  end
   local app = setmetatable({ config = o, router = router.new(), logger = default_logger }, app_mt)
+  app.hub = core.hub(o.max_queued, o.max_subscriptions)
+  app.topic_rules = topics.new { history = o.history, max_age = o.max_age, policy = o.policy }
+  app.streams = {} -- conn handle -> stream, while the stream is open
   app.server = core.server({
     max_header_size = o.max_header_size,
     max_body_size = o.max_body_size,
@@ -55,7 +70,7 @@ function herald.new(opts)
     idle_timeout_ms = seconds_to_ms(o.idle_timeout),
     shutdown_timeout_ms = seconds_to_ms(o.shutdown_timeout),
     max_connections = o.max_connections,
-  }, function(conn, raw) app:_dispatch(conn, raw) end)
+  }, function(conn, raw) app:_dispatch(conn, raw) end, function(conn) app:_stream_closed(conn) end)
   return app
 end
 
@@ -68,6 +83,14 @@ end
 function app_methods:_log(message, req)
   local ok, err = pcall(self.logger, message, req)
   if not ok then default_logger("error in the app's on_error: " .. tostring(err) .. "\n" .. message) end
+end
+
+--- Calls fn(...) for the app: an error is logged with its traceback, not
+-- raised. Returns whether it succeeded, then fn's results.
+function app_methods:_callback(fn, ...)
+  local result = table.pack(xpcall(fn, debug.traceback, ...))
+  if not result[1] then self:_log(tostring(result[2])) end
+  return table.unpack(result, 1, result.n)
 end
 
 function app_methods:route(method, path, handler)
@@ -114,6 +137,212 @@ function app_methods:_dispatch(conn, raw)
   elseif not res.sent and conn:awaiting() then
     return res:send()
   end
+end
+
+-- ---- topics, streams and publishing ----
+
+--- fn(req) runs once before a stream opens and returns the connection's
+-- user (any value), or nil/false, status (default 401), body to refuse.
+function app_methods:auth(fn)
+  if type(fn) ~= "function" then error("auth: fn must be a function", 2) end
+  self.auth_fn = fn
+  return self
+end
+
+--- Rules for topics matching pattern ("name", "prefix*" or "*"): history,
+-- max_age (s), policy ("close" | "conflate"), allow(user, topic, action),
+-- join(topic, user, stream), leave(topic, user, stream).
+function app_methods:topic(pattern, opts)
+  self.topic_rules:add(pattern, opts, 2)
+  return self
+end
+
+local function check_topic(topic, what, level)
+  if type(topic) ~= "string" then error(what .. ": topic must be a string", level + 1) end
+end
+
+--- Runs auth for req. Returns the user (true when there is no auth), or
+-- nil after answering the refusal.
+function app_methods:_authenticate(req, res, fn)
+  fn = fn or self.auth_fn
+  if not fn then return true end
+  local ok, user, status, body = self:_callback(fn, req)
+  if not ok then
+    plain(res, 500, "internal server error\n")
+  elseif user == nil or user == false then
+    status = math.type(status) == "integer" and status >= 400 and status <= 599 and status or 401
+    plain(res, status, type(body) == "string" and body or (status == 403 and "forbidden\n" or "unauthorized\n"))
+  else
+    return user
+  end
+end
+
+local function cors_origin(cors, origin)
+  if cors == true or cors == "*" then return "*" end
+  if not origin then return nil end
+  if type(cors) == "string" then return cors == origin and origin or nil end
+  if type(cors) == "function" then return cors(origin) and origin or nil end
+  for _, allowed in ipairs(cors) do
+    if allowed == origin then return origin end
+  end
+end
+
+-- cors is checked apart: true | "*" | origin | { origins } | function(origin) -> bool
+local sse_schema = {
+  close = { type = "function" },
+  credentials = { type = "boolean", default = false },
+  retry = { type = "integer", min = 0, max = 86400000 },
+  heartbeat = { type = "number", min = 0, max = 3600 },
+}
+
+--- An SSE endpoint at path: open(stream, req) subscribes the stream to
+-- topics; opts { close = fn(stream), cors, credentials, retry (ms),
+-- heartbeat (s) }.
+function app_methods:sse(path, open, opts)
+  if type(open) ~= "function" then error("sse: open must be a function", 2) end
+  local cors = opts and opts.cors
+  if cors ~= nil and cors ~= true and type(cors) ~= "string" and type(cors) ~= "table"
+    and type(cors) ~= "function" then
+    error("sse: option 'cors' must be true, an origin, a list of origins or a function", 2)
+  end
+  local rest = {}
+  for k, v in pairs(opts or {}) do
+    if k ~= "cors" then rest[k] = v end
+  end
+  local o = options.check(sse_schema, rest, "sse", 2)
+  o.cors = cors
+  o.heartbeat = o.heartbeat or self.config.heartbeat
+  return self:get(path, function(req, res) self:_open_stream(req, res, open, o) end)
+end
+
+function app_methods:_open_stream(req, res, open, o)
+  local conn = res.conn
+  local user = self:_authenticate(req, res)
+  if user == nil then return end
+  if user == true and not self.auth_fn then user = nil end
+  local s = stream.new(self, conn, req, user)
+  self.streams[conn] = s
+  local ok, refused, status, body = self:_callback(open, s, req)
+  local function abandon()
+    self.hub:leave_all(conn)
+    self.streams[conn] = nil
+    s:_finish()
+  end
+  if not ok or refused == false then
+    abandon()
+    if not conn:awaiting() then return end
+    if not ok then return plain(res, 500, "internal server error\n") end
+    status = math.type(status) == "integer" and status >= 400 and status <= 599 and status or 403
+    return plain(res, status, type(body) == "string" and body or "refused\n")
+  end
+  if not conn:alive() then return abandon() end
+  local headers = {}
+  local origin = o.cors and cors_origin(o.cors, req.headers.origin)
+  if origin then
+    headers = { "Access-Control-Allow-Origin", origin }
+    if origin ~= "*" then
+      headers[3], headers[4] = "Vary", "Origin"
+      if o.credentials then headers[5], headers[6] = "Access-Control-Allow-Credentials", "true" end
+    end
+  end
+  if o.close then s:on_close(o.close) end
+  local last_id = req.headers["last-event-id"] or req.query.last_event_id
+  local started, err = conn:sse_start(headers, math.floor(o.heartbeat * 1000 + 0.5), o.retry, last_id)
+  if not started then
+    self:_log(("%s %s: stream failed to start: %s"):format(req.method, req.path, err), req)
+    abandon()
+  end
+end
+
+--- C tells us a stream's connection went away.
+function app_methods:_stream_closed(conn)
+  local s = self.streams[conn]
+  if not s then return end
+  self.streams[conn] = nil
+  s:_finish()
+end
+
+local publish_schema = { event = { type = "string" } }
+
+--- Publishes data to topic: every subscriber gets it, and the topic's
+-- history keeps it for resume. opts { event }. Returns the message id and
+-- how many subscribers it reached.
+function app_methods:publish(topic, data, opts)
+  check_topic(topic, "publish", 2)
+  if type(data) ~= "string" then error("publish: data must be a string", 2) end
+  local o = options.check(publish_schema, opts, "publish", 2)
+  local rule = self.topic_rules:resolve(topic)
+  return self.hub:publish(topic, data, o.event, rule.history, rule.max_age_ms, rule.conflate)
+end
+
+--- The topic's history newer than since_id (all of it if nil): a list of
+-- { id, data, event, time }, and whether messages after since_id were lost.
+function app_methods:history(topic, since_id)
+  check_topic(topic, "history", 2)
+  if since_id ~= nil and type(since_id) ~= "string" then error("history: since_id must be a string", 2) end
+  return self.hub:history(topic, since_id)
+end
+
+--- How many connections are subscribed to topic.
+function app_methods:subscribers(topic)
+  check_topic(topic, "subscribers", 2)
+  return self.hub:subscribers(topic)
+end
+
+--- The users (as app:auth returned them) subscribed to topic, each once.
+function app_methods:presence(topic)
+  check_topic(topic, "presence", 2)
+  local users, seen = {}, {}
+  for _, conn in ipairs(self.hub:members(topic)) do
+    local s = self.streams[conn]
+    local user = s and s.user
+    if user ~= nil and not seen[user] then
+      seen[user] = true
+      users[#users + 1] = user
+    end
+  end
+  return users
+end
+
+--- Counters: connections, streams, topics, published, delivered,
+-- conflated (messages skipped for slow clients), slow_closed.
+function app_methods:stats()
+  local st = self.hub:stats()
+  st.connections = self.server:connections()
+  local n = 0
+  for _ in pairs(self.streams) do n = n + 1 end
+  st.streams = n
+  return st
+end
+
+local publisher_schema = { auth = { type = "function" } }
+
+--- A POST endpoint that publishes its body to the topic named by the path's
+-- :topic parameter: opts { auth = fn(req) -> user | nil, status }. The
+-- topic's allow(user, topic, "publish") rule applies. Answers JSON
+-- {"id": ..., "subscribers": N}; ?event=name sets the event name.
+function app_methods:publisher(path, opts)
+  if type(path) ~= "string" or not path:find("/:topic", 1, true) then
+    error("publisher: path must contain a :topic parameter", 2)
+  end
+  local o = options.check(publisher_schema, opts, "publisher", 2)
+  return self:post(path, function(req, res)
+    local user = self:_authenticate(req, res, o.auth)
+    if user == nil then return end
+    local topic = req.params.topic
+    if #topic > 1024 or topic:find("%c") then return plain(res, 400, "bad topic name\n") end
+    local rule = self.topic_rules:resolve(topic)
+    if rule.allow and not rule.allow(user ~= true and user or nil, topic, "publish") then
+      return plain(res, 403, "forbidden\n")
+    end
+    local event = req.query.event
+    if event and (event == "" or #event > 256 or event:find("[%z\r\n]")) then
+      return plain(res, 400, "bad event name\n")
+    end
+    local id, reached = self.hub:publish(topic, req.body, event, rule.history, rule.max_age_ms, rule.conflate)
+    res:header("Content-Type", "application/json")
+    res:send(('{"id":"%s","subscribers":%d}'):format(id, reached))
+  end)
 end
 
 --- app:listen { host = "127.0.0.1", port = 8080, backlog = 511 }: returns

@@ -1,0 +1,129 @@
+/* hub: topics, their subscribers and histories, and message ids. It knows
+ * nothing of sockets or wire formats beyond handing each message to the
+ * transport of each subscribed conn (conn_proto_t.deliver), once per
+ * subscriber, with no copy and no Lua. */
+#ifndef HERALD_HUB_H
+#define HERALD_HUB_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "buf.h"
+
+typedef struct conn conn_t;
+typedef struct hub hub_t;
+typedef struct hub_topic hub_topic_t;
+
+/* Longest topic name and event name accepted. */
+#define HUB_MAX_TOPIC 1024
+#define HUB_MAX_EVENT 256
+
+/* A published message: immutable, refcounted, shared by the topic's history
+ * and every queue that holds one of its encodings. */
+typedef struct hub_msg {
+  unsigned refs;
+  uint64_t seq;
+  uint64_t time_ms;     /* loop time of the publish: history's max_age */
+  hbuf_t *sse;          /* the SSE event, encoded at publish */
+  char *event;          /* NULL, or the event name */
+  size_t data_len;
+  char data[];          /* data_len bytes and a NUL */
+} hub_msg_t;
+
+/* A conn's subscription to one topic. */
+typedef struct hub_sub {
+  hub_topic_t *topic;
+  conn_t *conn;
+  struct hub_sub *prev_in_topic, *next_in_topic;
+  struct hub_sub *prev_in_conn, *next_in_conn;
+  hub_msg_t *conflated; /* the newest message held back from a slow conn */
+} hub_sub_t;
+
+/* What a message's delivery to one conn waits in before the conn's stream
+ * has started: a hub message, or bytes for that conn alone. */
+typedef struct hub_held {
+  hub_msg_t *msg;
+  hbuf_t *direct;
+} hub_held_t;
+
+/* The hub's part of a conn. */
+typedef struct hub_member {
+  hub_t *hub;
+  hub_sub_t *subs;
+  unsigned nsubs;
+  hub_held_t *held;     /* deliveries while the stream is being opened */
+  unsigned nheld, held_cap;
+} hub_member_t;
+
+typedef struct hub_topic_config {
+  unsigned history;     /* messages kept for resume */
+  uint64_t max_age_ms;  /* and none older than this; 0: no age bound */
+  int conflate;         /* slow conns keep only the newest message, not closed */
+} hub_topic_config_t;
+
+typedef struct hub_stats {
+  uint64_t published, delivered, conflated, slow_closed;
+  unsigned topics;
+} hub_stats_t;
+
+struct hub {
+  uv_loop_t *loop;
+  uv_timer_t sweeper;   /* expires history by age, frees idle topics */
+  uint32_t epoch;       /* changes whenever history is lost: each new hub */
+  uint64_t seq;         /* the last message id's sequence */
+  uint64_t forgotten_seq; /* newest message of a topic whose record is gone */
+  hub_topic_t **buckets;
+  unsigned nbuckets, ntopics;
+  unsigned max_subscriptions; /* per conn */
+  size_t max_queued;    /* per conn: bytes queued past which a conn is slow */
+  hub_stats_t stats;
+};
+
+hub_t *hub_new(uv_loop_t *loop);
+/* Detaches every conn and frees the hub (once its timer has closed). */
+void hub_free(hub_t *hub);
+
+/* Publishes to topic; returns the message's sequence (0 on ENOMEM) and
+ * sets *reached to the number of subscribers it went to. */
+uint64_t hub_publish(hub_t *hub, const char *topic, size_t topic_len,
+                     const hub_topic_config_t *cfg, const char *event, const char *data,
+                     size_t data_len, unsigned *reached);
+
+/* 0 on success, or an error text. */
+const char *hub_subscribe(hub_t *hub, conn_t *c, const char *topic, size_t topic_len,
+                          const hub_topic_config_t *cfg);
+int hub_unsubscribe(hub_t *hub, conn_t *c, const char *topic, size_t topic_len);
+/* Leaves every topic and drops held deliveries: the conn is going. */
+void hub_member_release(conn_t *c);
+
+/* Direct bytes for one conn: queued, or held while its stream opens. */
+int hub_member_send(conn_t *c, hbuf_t *b);
+
+/* Starts a conn's stream: answers what it missed since last_id (NULL: no
+ * resume) on every topic it joined, merged in id order with the deliveries
+ * held while it opened, then the held direct sends. gap(c, topic) is called
+ * first for each topic where messages were lost. */
+typedef void (*hub_gap_fn)(conn_t *c, const hub_topic_t *topic);
+int hub_member_start(conn_t *c, const char *last_id, hub_gap_fn gap);
+
+/* A slow conn drained below its bound: send what conflation held back. */
+void hub_member_catch_up(conn_t *c);
+
+const char *hub_topic_name(const hub_topic_t *t, size_t *len);
+hub_topic_t *hub_find(hub_t *hub, const char *topic, size_t topic_len);
+unsigned hub_topic_subscribers(const hub_topic_t *t);
+const hub_sub_t *hub_topic_first_sub(const hub_topic_t *t);
+
+/* Calls fn for each message of topic's history newer than since_id (NULL:
+ * all), oldest first. Returns 1 when messages after since_id were lost. */
+int hub_history(hub_t *hub, const char *topic, size_t topic_len, const char *since_id,
+                void (*fn)(const hub_msg_t *m, void *ud), void *ud);
+
+/* "<epoch>-<seq>": buf needs HUB_ID_SIZE bytes. */
+#define HUB_ID_SIZE 32
+void hub_format_id(const hub_t *hub, uint64_t seq, char *buf);
+
+void hub_msg_unref(hub_msg_t *m);
+
+#endif
