@@ -201,4 +201,128 @@ function t.delete(app, path, headers)
   return t.request(app, { method = "DELETE", path = path, headers = headers })
 end
 
+-- ---- Server-Sent Events ----
+
+local sse_methods = {}
+local sse_mt = { __index = sse_methods }
+
+--- Opens an SSE stream: opts { headers, last_event_id, query, timeout }.
+-- Returns the stream once the response head arrived: s.status, s.headers;
+-- for a refusal (not 200) s.body holds the answer. Then s:next() reads
+-- events as the HTML standard's parser does.
+function t.sse(app, path, opts)
+  opts = opts or {}
+  local headers = { Accept = "text/event-stream" }
+  for k, v in pairs(opts.headers or {}) do headers[k] = v end
+  if opts.last_event_id then headers["Last-Event-ID"] = opts.last_event_id end
+  local c = t.connect(app)
+  c:send(encode_request("GET", path, headers))
+  local s = setmetatable({ app = app, path = path, opts = opts, client = c, events = {},
+    last_id = opts.last_event_id, comments = 0, pending = { data = {}, event = nil } }, sse_mt)
+  local head_end
+  t.wait(function()
+    head_end = c.buffer:find("\r\n\r\n", 1, true)
+    return head_end or c.closed
+  end, opts.timeout, "an SSE response head")
+  if not head_end then error("SSE: connection closed before a response", 2) end
+  if c.buffer:match("^HTTP/1%.1 200 ") then
+    local res = t.parse_response(c.buffer:sub(1, head_end + 3) , { head = true })
+    s.status, s.headers = res.status, res.headers
+    c.buffer = c.buffer:sub(head_end + 4)
+  else
+    local res = c:response()
+    s.status, s.headers, s.body = res.status, res.headers, res.body
+    c:close()
+  end
+  return s
+end
+
+-- Feeds the stream's buffered bytes through the event-stream parser.
+function sse_methods:_parse()
+  local c = self.client
+  while true do
+    local buf = c.buffer
+    local i = buf:find("[\r\n]")
+    if not i then return end
+    local eol = i
+    if buf:sub(i, i) == "\r" then
+      if i == #buf and not c.closed then return end -- a \n may follow
+      if buf:sub(i + 1, i + 1) == "\n" then eol = i + 1 end
+    end
+    local line = buf:sub(1, i - 1)
+    c.buffer = buf:sub(eol + 1)
+    self:_line(line)
+  end
+end
+
+function sse_methods:_line(line)
+  local p = self.pending
+  if line == "" then
+    if #p.data > 0 then
+      self.events[#self.events + 1] = { id = self.last_id, event = p.event or "message",
+        data = table.concat(p.data, "\n") }
+    end
+    self.pending = { data = {} }
+    return
+  end
+  if line:sub(1, 1) == ":" then
+    self.comments = self.comments + 1
+    return
+  end
+  local field, value = line:match("^([^:]*):? ?(.*)$")
+  if not line:find(":", 1, true) then field, value = line, "" end
+  if field == "data" then
+    p.data[#p.data + 1] = value
+  elseif field == "event" then
+    p.event = value
+  elseif field == "id" then
+    if not value:find("%z") then self.last_id = value end
+  elseif field == "retry" then
+    if value:match("^%d+$") then self.retry = tonumber(value) end
+  end
+end
+
+--- The next event { id, event, data }, waiting up to timeout seconds;
+-- nil, "closed" or nil, "timeout".
+function sse_methods:next(timeout)
+  local ok = pcall(t.wait, function()
+    self:_parse()
+    return #self.events > 0 or self.client.closed
+  end, timeout, "an SSE event")
+  self:_parse()
+  if #self.events > 0 then return table.remove(self.events, 1) end
+  return nil, self.client.closed and "closed" or (ok and "closed" or "timeout")
+end
+
+--- The next n events (raises if they do not all arrive in time).
+function sse_methods:take(n, timeout)
+  local list = {}
+  for i = 1, n do
+    local ev, err = self:next(timeout)
+    if not ev then error(("SSE: event %d of %d: %s"):format(i, n, err), 2) end
+    list[i] = ev
+  end
+  return list
+end
+
+--- Whether the server closed the stream.
+function sse_methods:closed()
+  return self.client.closed
+end
+
+function sse_methods:close()
+  self.client:close()
+end
+
+--- Closes this stream and opens the same one again, resuming with the last
+-- id seen (Last-Event-ID), as a browser's EventSource does.
+function sse_methods:reconnect(opts)
+  if not self.client.closed then self:close() end
+  local o = {}
+  for k, v in pairs(self.opts) do o[k] = v end
+  for k, v in pairs(opts or {}) do o[k] = v end
+  o.last_event_id = self.last_id
+  return t.sse(self.app, self.path, o)
+end
+
 return t
