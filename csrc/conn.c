@@ -179,6 +179,7 @@ static void on_write(uv_write_t *req, int status) {
   c->out_head += c->out_inflight;
   c->out_inflight = 0;
   c->writing = 0;
+  c->backed_up = 0;
   if (c->out_head == c->out_len) c->out_head = c->out_len = 0;
   if (c->closing) return;
   if (status < 0) {
@@ -214,6 +215,7 @@ static void flush(conn_t *c) {
   }
   c->writing = 1;
   c->out_inflight = n;
+  c->backed_up = c->tcp.write_queue_size > 0;
 }
 
 void conn_flush_all(runtime_t *rt) {

@@ -353,7 +353,8 @@ static void deliver(hub_t *hub, hub_sub_t *s, hub_msg_t *msg) {
     if (hold(&c->member, msg, NULL) != 0) conn_close(c);
     return;
   }
-  if (s->conflated || c->queued_bytes >= hub->max_queued) {
+  /* Slow is what the peer leaves unread, not a burst queued in this turn. */
+  if (s->conflated || (c->backed_up && c->queued_bytes >= hub->max_queued)) {
     if (s->topic->cfg.conflate) {
       if (s->conflated) hub->stats.conflated++;
       hub_msg_unref(s->conflated);
@@ -374,7 +375,7 @@ void hub_member_catch_up(conn_t *c) {
   hub_t *hub = c->member.hub;
   if (!hub || !is_open(c)) return;
   for (hub_sub_t *s = c->member.subs; s && !c->closing; s = s->next_in_conn) {
-    if (!s->conflated || c->queued_bytes >= hub->max_queued) continue;
+    if (!s->conflated || (c->backed_up && c->queued_bytes >= hub->max_queued)) continue;
     hub_msg_t *msg = s->conflated;
     s->conflated = NULL;
     c->proto->deliver(c, msg);
@@ -473,7 +474,7 @@ int hub_member_start(conn_t *c, const char *last_id, hub_gap_fn gap) {
   }
   for (unsigned i = 0; i < held.nheld && rc == 0; i++)
     if (held.held[i].msg) rc = replay_add(&r, held.held[i].msg);
-  qsort(r.msgs, r.n, sizeof *r.msgs, by_seq);
+  if (r.n > 1) qsort(r.msgs, r.n, sizeof *r.msgs, by_seq);
   for (size_t i = 0; i < r.n; i++) {
     if (!c->closing && rc == 0 && (i == 0 || r.msgs[i]->seq != r.msgs[i - 1]->seq)) {
       c->proto->deliver(c, r.msgs[i]);
