@@ -61,7 +61,7 @@ function registry_methods:add(pattern, opts, level)
     self.exact[pattern] = rule
     return
   end
-  for i, p in ipairs(self.prefixes) do
+  for _, p in ipairs(self.prefixes) do
     if p.prefix == prefix then
       p.rule = rule
       return
