@@ -66,14 +66,40 @@ static int fail_in_callback(llhttp_t *p, int status) {
   return HPE_USER;
 }
 
-static int append_head(llhttp_t *p, const char *at, size_t len, int lowercase) {
+/* What a span of the head is: the request target, a field name or a field value. */
+enum span { SPAN_URL, SPAN_NAME, SPAN_VALUE };
+
+/* The limit counts the client's bytes (target, names, values), not the NUL
+ * that ends each of them in head. How many NULs head holds while a span of
+ * a given kind is being read: the target's once it is complete, one per
+ * complete name and value, and the name of the value being read. A trailer
+ * field (after the headers) is not counted in nheaders. */
+static size_t head_nuls(const http_conn_t *h, enum span kind) {
+  switch (kind) {
+    case SPAN_URL: return 0;
+    case SPAN_NAME: return 1 + 2 * (size_t)h->nheaders;
+    case SPAN_VALUE: return 2 * (size_t)h->nheaders + (h->headers_done ? 2 : 0);
+  }
+  return 0;
+}
+
+/* The answer to a head over the limit: 414 while the request target is
+ * being read or when the target alone fills the limit (nothing after it
+ * could fit), 431 otherwise. */
+static int too_large_status(const conn_t *c) {
+  const http_conn_t *h = &c->http;
+  int in_target = h->head.len == h->url_len; /* its NUL is not there yet */
+  return in_target || h->url_len >= c->server->limits.max_header_size ? 414 : 431;
+}
+
+static int append_head(llhttp_t *p, const char *at, size_t len, enum span kind) {
   conn_t *c = CONN(p);
   http_conn_t *h = &c->http;
-  if (h->head.len + len > c->server->limits.max_header_size)
-    return fail_in_callback(p, h->nheaders == 0 && !h->url_len ? 414 : 431);
+  if (h->head.len - head_nuls(h, kind) + len > c->server->limits.max_header_size)
+    return fail_in_callback(p, too_large_status(c));
   size_t start = h->head.len;
   if (hstr_append(&h->head, at, len) != 0) return fail_in_callback(p, 503);
-  if (lowercase)
+  if (kind == SPAN_NAME)
     for (size_t i = start; i < h->head.len; i++) {
       char ch = h->head.data[i];
       if (ch >= 'A' && ch <= 'Z') h->head.data[i] = (char)(ch + 32);
@@ -81,11 +107,17 @@ static int append_head(llhttp_t *p, const char *at, size_t len, int lowercase) {
   return 0;
 }
 
+/* Ends the span being read with a NUL (not counted against the limit). */
+static int end_span(llhttp_t *p) {
+  return hstr_append(&HTTP(p)->head, "", 1) != 0 ? fail_in_callback(p, 503) : 0;
+}
+
 static void reset_request(http_conn_t *h) {
   if (h->head.cap > KEEP_BUFFER_BYTES) hstr_free(&h->head);
   if (h->body.cap > KEEP_BUFFER_BYTES) hstr_free(&h->body);
   h->head.len = h->body.len = 0;
   h->url_len = 0;
+  h->field_start = 0;
   h->nheaders = 0;
   h->raw_head_bytes = 0;
   h->in_message = h->headers_done = h->expect_continue = 0;
@@ -97,23 +129,27 @@ static int on_message_begin(llhttp_t *p) {
   reset_request(&c->http);
   c->http.in_message = 1;
   conn_set_timer(c, c->server->limits.header_timeout_ms);
-  return 0;
+  /* A pause here tells execute() where this message starts in its input, so
+   * that only this head's bytes count against the limit. */
+  return HPE_PAUSED;
 }
 
 static int on_url(llhttp_t *p, const char *at, size_t len) {
-  if (append_head(p, at, len, 0)) return HPE_USER;
+  if (append_head(p, at, len, SPAN_URL)) return HPE_USER;
   HTTP(p)->url_len += len;
   return 0;
 }
 
 static int on_url_complete(llhttp_t *p) {
-  if (append_head(p, "", 1, 0)) return HPE_USER;
+  if (end_span(p)) return HPE_USER;
   HTTP(p)->field_start = HTTP(p)->head.len;
   return 0;
 }
 
+/* Trailer fields (after a chunked body) are checked and held like header
+ * fields while they are read, then dropped: they never join the headers. */
 static int on_header_field(llhttp_t *p, const char *at, size_t len) {
-  return append_head(p, at, len, 1) ? HPE_USER : 0;
+  return append_head(p, at, len, SPAN_NAME) ? HPE_USER : 0;
 }
 
 static int on_header_field_complete(llhttp_t *p) {
@@ -122,17 +158,22 @@ static int on_header_field_complete(llhttp_t *p) {
   size_t len = h->head.len - h->field_start;
   if (len == 0 || h->head.data[h->head.len - 1] == ' ' || h->head.data[h->head.len - 1] == '\t')
     return fail_in_callback(p, 400);
-  if (++h->nheaders > MAX_HEADERS) return fail_in_callback(p, 431);
-  return append_head(p, "", 1, 0) ? HPE_USER : 0;
+  if (!h->headers_done && ++h->nheaders > MAX_HEADERS) return fail_in_callback(p, 431);
+  return end_span(p) ? HPE_USER : 0;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t len) {
-  return append_head(p, at, len, 0) ? HPE_USER : 0;
+  return append_head(p, at, len, SPAN_VALUE) ? HPE_USER : 0;
 }
 
 static int on_header_value_complete(llhttp_t *p) {
-  if (append_head(p, "", 1, 0)) return HPE_USER;
-  HTTP(p)->field_start = HTTP(p)->head.len;
+  http_conn_t *h = HTTP(p);
+  if (h->headers_done) {
+    h->head.len = h->field_start; /* a trailer field: dropped */
+    return 0;
+  }
+  if (end_span(p)) return HPE_USER;
+  h->field_start = h->head.len;
   return 0;
 }
 
@@ -158,7 +199,9 @@ static int on_headers_complete(llhttp_t *p) {
   const char *expect = find_header(h, "expect");
   if (expect && strcasecmp(expect, "100-continue") == 0 && p->http_major == 1 && p->http_minor >= 1)
     h->expect_continue = 1;
-  if (h->expect_continue && (p->flags & (F_CONTENT_LENGTH | F_CHUNKED)) && p->content_length != 0) {
+  /* only when a body is coming: a chunked one, or a declared non-empty one */
+  if (h->expect_continue &&
+      ((p->flags & F_CHUNKED) || ((p->flags & F_CONTENT_LENGTH) && p->content_length != 0))) {
     static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
     conn_send_bytes(c, cont, sizeof cont - 1);
   }
@@ -213,7 +256,9 @@ static int on_message_complete(llhttp_t *p) {
     conn_end(c);
     return HPE_PAUSED;
   }
-  conn_set_timer(c, c->server->limits.idle_timeout_ms);
+  /* The conn is idle once its answers are written: until then the timer
+   * stays off (on_writable starts it when the queue drains). */
+  if (c->queued_bytes == 0) conn_set_timer(c, c->server->limits.idle_timeout_ms);
   if (c->queued_bytes >= CONN_PAUSE_MARK) return HPE_PAUSED;
   return 0;
 }
@@ -370,10 +415,15 @@ static void execute(conn_t *c, const char *data, size_t len) {
     llhttp_errno_t err = llhttp_execute(p, data, len);
     if (c->closing || c->ending || c->proto != &http_proto) return; /* the rest is not ours */
     if (err == HPE_OK) {
+      /* len counts from where the message began (see below) when it began
+       * in this input; whole inputs after that */
       if (h->in_message && !h->headers_done) {
         h->raw_head_bytes += len;
-        if (h->raw_head_bytes > c->server->limits.max_header_size)
-          http_fail(c, 431, "request header section too large\n");
+        if (h->raw_head_bytes > c->server->limits.max_header_size) {
+          int status = too_large_status(c);
+          http_fail(c, status, status == 414 ? "request target too long\n"
+                                             : "request header section too large\n");
+        }
       }
       return;
     }
@@ -382,6 +432,14 @@ static void execute(conn_t *c, const char *data, size_t len) {
     if (err == HPE_PAUSED_UPGRADE) {
       /* No protocol took the conn over: the next bytes are HTTP again. */
       llhttp_resume_after_upgrade(p);
+      data += used;
+      len -= used;
+      continue;
+    }
+    if (err == HPE_PAUSED && h->in_message && !h->headers_done) {
+      /* on_message_begin's pause (every other pause happens between
+       * messages): what came before belongs to earlier messages. */
+      llhttp_resume(p);
       data += used;
       len -= used;
       continue;
@@ -421,9 +479,9 @@ static void on_data(conn_t *c, const char *data, size_t len) {
   execute(c, data, len);
 }
 
-static void on_writable(conn_t *c) {
+/* Parses the input kept while reading was paused, then reads again. */
+static void resume_input(conn_t *c) {
   http_conn_t *h = &c->http;
-  if (c->reading || c->ending) return;
   char *rest = h->pending;
   size_t rest_len = h->pending_len;
   h->pending = NULL;
@@ -433,6 +491,19 @@ static void on_writable(conn_t *c) {
     free(rest);
   }
   if (!h->pending && !c->closing && !c->ending) conn_resume_reading(c);
+}
+
+/* Called after each write that leaves the out queue below the resume mark. */
+static void on_writable(conn_t *c) {
+  http_conn_t *h = &c->http;
+  if (c->ending) return;
+  if (!c->reading) {
+    resume_input(c);
+    if (c->closing || c->ending) return;
+  }
+  /* Between requests with every answer written: the idle timer runs from now. */
+  if (!h->in_message && c->queued_bytes == 0 && h->requests > 0)
+    conn_set_timer(c, c->server->limits.idle_timeout_ms);
 }
 
 static void on_eof(conn_t *c) {

@@ -155,7 +155,7 @@ describe("hostile input", function()
       assert_serves(app)
     end)
 
-    it("a huge URL arriving in two pieces gets 414 too #known_bug", function()
+    it("a huge URL arriving in two pieces gets 414 too", function()
       local app = new_app(opts)
       finally(function() app:close() end)
       assert_rejected(app, { "GET /" .. ("a"):rep(1500),
@@ -163,7 +163,7 @@ describe("hostile input", function()
       assert_serves(app)
     end)
 
-    it("a head that reaches the limit exactly at a field's end is not a 400 #known_bug", function()
+    it("a head that reaches the limit exactly at a field's end is not a 400", function()
       -- The limit may or may not count the field's end; either way such a
       -- request is served or refused as too large, never called malformed.
       local app = new_app(opts)
@@ -290,7 +290,7 @@ describe("hostile input", function()
       assert_serves(app)
     end)
 
-    it("idle_timeout does not cut off a response still being written to a slow reader #known_bug", function()
+    it("idle_timeout does not cut off a response still being written to a slow reader", function()
       local app = new_app { idle_timeout = 0.3 }
       finally(function() app:close() end)
       local big = ("z"):rep(5 * 1024 * 1024)
@@ -420,7 +420,7 @@ describe("hostile input", function()
       end)
     end
 
-    it("trailer fields are not merged into the request's headers #known_bug", function()
+    it("trailer fields are not merged into the request's headers", function()
       local app = new_app()
       finally(function() app:close() end)
       local seen

@@ -137,7 +137,7 @@ describe("http", function()
       assert_serves(app)
     end)
 
-    it("answers pipelined requests that span several reads larger than max_header_size #known_bug", function()
+    it("answers pipelined requests that span several reads larger than max_header_size", function()
       -- Each write is ~33 KB of complete requests plus the start of the next
       -- one: the part of the head read so far is small, the read is not.
       local app = new_app()
@@ -315,7 +315,7 @@ describe("http", function()
       assert_serves(app)
     end)
 
-    it("sends 100 Continue to Expect: 100-continue with a chunked body #known_bug", function()
+    it("sends 100 Continue to Expect: 100-continue with a chunked body", function()
       local app = new_app()
       finally(function() app:close() end)
       local c = t.connect(app)

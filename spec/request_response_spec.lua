@@ -79,7 +79,7 @@ describe("request.split_target", function()
     assert.same({ "/", "" }, both("http://example.com/"))
   end)
 
-  it("takes the query of an absolute form with an empty path #known_bug", function()
+  it("takes the query of an absolute form with an empty path", function()
     assert.same({ "/", "x=1" }, both("http://example.com?x=1"))
   end)
 

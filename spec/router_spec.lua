@@ -395,13 +395,18 @@ describe("router", function()
       assert.is_nil((r:match("POST", "/u/3")))
     end)
 
-    it("rejects a splat named differently from another route's at the same place #known_bug", function()
+    it("rejects a splat named differently from another route's at the same place", function()
       local r = router.new()
       r:add("GET", "/files/*path", handler())
-      local ok = pcall(r.add, r, "POST", "/files/*rest", handler())
+      local ok, err = pcall(r.add, r, "POST", "/files/*rest", handler())
       -- whatever happens, the GET route keeps its own name for the rest
       assert.same({ path = "a/b" }, select(2, r:match("GET", "/files/a/b")))
       assert.is_false(ok, "a conflicting splat name must be an error, as for :params")
+      assert.matches("/files/*rest names splat '*rest' where another route has '*path'", err, 1, true)
+      -- "*" is "*splat": the same name
+      r:add("GET", "/any/*", handler())
+      r:add("POST", "/any/*splat", handler())
+      assert.matches("where another route has '*splat'", add_error(r, "PUT", "/any/*x", handler()), 1, true)
     end)
 
     it("blames the caller of app:get / app:route", function()

@@ -31,7 +31,8 @@ local headers_mt = {
 function request.split_target(url)
   if url == "*" then return "*", "" end
   local rest = url:match("^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]*(.*)$")
-  if rest then url = rest ~= "" and rest or "/" end
+  -- an empty path is "/": "http://host", "http://host?q" (RFC 9112 3.2.2)
+  if rest then url = rest:sub(1, 1) == "/" and rest or "/" .. rest end
   if url:sub(1, 1) ~= "/" then return nil end
   url = url:gsub("#.*$", "")
   local path, qs = url:match("^([^?]*)%??(.*)$")

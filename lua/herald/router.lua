@@ -57,8 +57,13 @@ function router_methods:add(method, pattern, handler)
     elseif first == "*" then
       if i ~= #parts then error("route: '*' must be the last segment of " .. pattern, 3) end
       local name = segment:sub(2)
+      if name == "" then name = "splat" end
+      if node.splat and node.splat_name ~= name then
+        error(("route: %s names splat '*%s' where another route has '*%s'")
+          :format(pattern, name, node.splat_name), 3)
+      end
       node.splat = node.splat or new_node()
-      node.splat_name = name ~= "" and name or "splat"
+      node.splat_name = name
       node = node.splat
     else
       local key = decode(segment)
