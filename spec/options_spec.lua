@@ -25,6 +25,11 @@ local ranges = {
   idle_timeout = { "number", 0.05, 86400 },
   shutdown_timeout = { "number", 0, 3600 },
   max_connections = { "integer", 1, 1000000 },
+  history = { "integer", 0, 1000000 },
+  max_age = { "number", 0, 31536000 },
+  heartbeat = { "number", 0, 3600 },
+  max_queued = { "integer", 1024, 1073741824 },
+  max_subscriptions = { "integer", 1, 100000 },
 }
 
 describe("herald.new options", function()
@@ -36,6 +41,12 @@ describe("herald.new options", function()
       idle_timeout = 60,
       shutdown_timeout = 5,
       max_connections = 10000,
+      history = 100,
+      max_age = 300,
+      policy = "close",
+      heartbeat = 15,
+      max_queued = 1048576,
+      max_subscriptions = 100,
     }, herald.defaults)
   end)
 
@@ -199,5 +210,17 @@ describe("app:listen options", function()
     local got, err = other:listen { port = port }
     assert.is_nil(got)
     assert.matches("listen on 127.0.0.1 port " .. port .. ": ", err, 1, true)
+  end)
+end)
+
+describe("herald.new policy option", function()
+  it("accepts close and conflate and refuses anything else, naming the option", function()
+    for _, p in ipairs { "close", "conflate" } do
+      local app = herald.new { policy = p }
+      assert.equal(p, app.config.policy)
+      app:close()
+    end
+    new_fails({ policy = "drop" }, "policy", "drop")
+    new_fails({ policy = 1 }, "policy", "string")
   end)
 end)
