@@ -5,6 +5,8 @@ LLHTTP   ?= /usr/share/llhttp
 LLHTTP_H ?= /usr/share/include/llhttp
 LUA_INC  ?= $(shell pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
 UV_LIBS  ?= $(shell pkg-config --libs libuv 2>/dev/null || echo -luv)
+# wslay reads WebSocket frames; OpenSSL's libcrypto computes the handshake's SHA-1.
+LIBS     := $(UV_LIBS) -lwslay -lcrypto
 
 BUILD    := build
 SRCS     := $(wildcard csrc/*.c)
@@ -50,15 +52,15 @@ $(BUILD)/llhttp-asan/%.o: $(LLHTTP)/%.c
 
 $(BUILD)/dev/herald/core.so: $(SRCS) $(HDRS) $(LLHTTP_SRCS:$(LLHTTP)/%.c=$(BUILD)/llhttp/%.o)
 	@mkdir -p $(dir $@)
-	$(CC) $(DEV_CFLAGS) -shared -o $@ $(SRCS) $(filter %.o,$^) $(UV_LIBS)
+	$(CC) $(DEV_CFLAGS) -shared -o $@ $(SRCS) $(filter %.o,$^) $(LIBS)
 
 $(BUILD)/release/herald/core.so: $(SRCS) $(HDRS) $(LLHTTP_SRCS:$(LLHTTP)/%.c=$(BUILD)/llhttp/%.o)
 	@mkdir -p $(dir $@)
-	$(CC) $(RELEASE_CFLAGS) -shared -o $@ $(SRCS) $(filter %.o,$^) $(UV_LIBS)
+	$(CC) $(RELEASE_CFLAGS) -shared -o $@ $(SRCS) $(filter %.o,$^) $(LIBS)
 
 $(BUILD)/asan/herald/core.so: $(SRCS) $(HDRS) $(LLHTTP_SRCS:$(LLHTTP)/%.c=$(BUILD)/llhttp-asan/%.o)
 	@mkdir -p $(dir $@)
-	$(CC) $(ASAN_CFLAGS) -shared -o $@ $(SRCS) $(filter %.o,$^) $(UV_LIBS)
+	$(CC) $(ASAN_CFLAGS) -shared -o $@ $(SRCS) $(filter %.o,$^) $(LIBS)
 
 # Every spec, against the dev build and then under ASan+UBSan; the last line
 # of output is "N passed, N failed" over both runs.

@@ -24,6 +24,7 @@ static void free_conn(conn_t *c) {
   for (unsigned i = c->out_head; i < c->out_len; i++) hbuf_unref(c->outq[i].buf);
   free(c->outq);
   server_remove_conn(c->server, c);
+  free(c->ws);
   free(c);
 }
 

@@ -12,6 +12,8 @@
 #include "hub.h"
 #include "runtime.h"
 
+typedef struct ws_conn ws_conn_t;
+
 typedef struct conn_proto {
   const char *name;
   /* Bytes from the peer. */
@@ -57,6 +59,7 @@ struct conn {
   void *lua_handle;        /* that handle's userdata, cleared on close */
   http_conn_t http;
   hub_member_t member;
+  ws_conn_t *ws;           /* WebSocket state after a 101; freed with the conn */
 };
 
 /* Accepts a pending connection on listener into a new conn of server. */

@@ -343,7 +343,8 @@ static long check_response(conn_t *c, int status, const http_header_t *headers, 
       *err = "header names and values must not contain CR, LF or NUL";
       return -1;
     }
-    if (headers[i].name_len == 10 && strncasecmp(headers[i].name, "connection", 10) == 0) {
+    if (headers[i].name_len == 10 && strncasecmp(headers[i].name, "connection", 10) == 0 &&
+        status != 101) { /* a 101's Connection: Upgrade is the caller's */
       if (headers[i].value_len == 5 && strncasecmp(headers[i].value, "close", 5) == 0) *close = 1;
     } else {
       kept[nkept++] = headers[i];
@@ -413,7 +414,12 @@ static void execute(conn_t *c, const char *data, size_t len) {
   llhttp_t *p = &h->parser;
   for (;;) {
     llhttp_errno_t err = llhttp_execute(p, data, len);
-    if (c->closing || c->ending || c->proto != &http_proto) return; /* the rest is not ours */
+    if (c->closing || c->ending) return;
+    if (c->proto != &http_proto) { /* taken over: the rest is the new protocol's */
+      const char *pos = llhttp_get_error_pos(p);
+      if (err != HPE_OK && pos && pos < data + len) c->proto->on_data(c, pos, (size_t)(data + len - pos));
+      return;
+    }
     if (err == HPE_OK) {
       /* len counts from where the message began (see below) when it began
        * in this input; whole inputs after that */

@@ -32,17 +32,20 @@ struct hub_topic {
 void hub_msg_unref(hub_msg_t *m) {
   if (!m || --m->refs > 0) return;
   hbuf_unref(m->sse);
+  hbuf_unref(m->ws_raw);
+  hbuf_unref(m->ws_envelope);
   free(m->event);
   free(m);
 }
 
-static hub_msg_t *msg_new(hub_t *hub, const char *event, const char *data, size_t len) {
-  hub_msg_t *m = malloc(sizeof *m + len + 1);
+static hub_msg_t *msg_new(hub_t *hub, const char *topic, size_t topic_len, const char *event,
+                          const char *data, size_t len) {
+  hub_msg_t *m = malloc(sizeof *m + len + 1 + topic_len + 1);
   if (!m) return NULL;
   m->refs = 1;
   m->seq = ++hub->seq;
   m->time_ms = uv_now(hub->loop);
-  m->sse = NULL;
+  m->sse = m->ws_raw = m->ws_envelope = NULL;
   m->event = event ? strdup(event) : NULL;
   if (event && !m->event) {
     free(m);
@@ -51,6 +54,11 @@ static hub_msg_t *msg_new(hub_t *hub, const char *event, const char *data, size_
   m->data_len = len;
   if (len) memcpy(m->data, data, len);
   m->data[len] = '\0';
+  char *name = m->data + len + 1;
+  memcpy(name, topic, topic_len);
+  name[topic_len] = '\0';
+  m->topic = name;
+  m->topic_len = topic_len;
   return m;
 }
 
@@ -390,7 +398,7 @@ uint64_t hub_publish(hub_t *hub, const char *name, size_t len, const hub_topic_c
   hub_topic_t *t = hub_find(hub, name, len);
   if (!t && cfg->history) t = topic_get(hub, name, len, cfg);
   else if (t) apply_config(t, cfg);
-  hub_msg_t *msg = msg_new(hub, event, data, data_len);
+  hub_msg_t *msg = msg_new(hub, name, len, event, data, data_len);
   if (!msg) return 0;
   uint64_t seq = msg->seq;
   hub->stats.published++;

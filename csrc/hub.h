@@ -25,7 +25,12 @@ typedef struct hub_msg {
   unsigned refs;
   uint64_t seq;
   uint64_t time_ms;     /* loop time of the publish: history's max_age */
-  hbuf_t *sse;          /* the SSE event, encoded at publish */
+  /* Each wire format is encoded at the message's first delivery in that
+   * format, then shared: SSE event, WebSocket frame of the payload, and
+   * WebSocket frame of the envelope (topic, id, event, data). */
+  hbuf_t *sse, *ws_raw, *ws_envelope;
+  const char *topic;    /* the topic's name (a copy owned by the message) */
+  size_t topic_len;
   char *event;          /* NULL, or the event name */
   size_t data_len;
   char data[];          /* data_len bytes and a NUL */

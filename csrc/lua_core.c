@@ -345,6 +345,7 @@ __attribute__((visibility("default"))) int luaopen_herald_core(lua_State *L) {
   bind_server_open(L, rt_idx);
   bind_client_open(L, rt_idx);
   bind_hub_open(L, rt_idx);
+  bind_ws_open(L, rt_idx);
   lua_pushstring(L, uv_version_string());
   lua_setfield(L, -2, "libuv_version");
   return 1;

@@ -5,6 +5,7 @@
 #include "conn.h"
 #include "lua_bind.h"
 #include "server.h"
+#include "ws.h"
 
 #define SERVER_MT "herald.server"
 #define CONN_MT "herald.conn"
@@ -13,7 +14,7 @@ typedef struct lua_server {
   server_t *srv;
   runtime_t *rt;
   int on_request_ref;
-  int on_closed_ref;   /* called with a stream's conn when it goes */
+  int on_event_ref;    /* on_event(conn, "message", data, kind) | (conn, "closed"[, code, reason]) */
   int self_ref;        /* anchors a listening server that Lua dropped */
 } lua_server_t;
 
@@ -50,10 +51,19 @@ static void on_conn_closed(conn_t *c, void *ud) {
   lua_server_t *ls = ud;
   lua_State *L = ls->rt->lua;
   int live = !ls->rt->closing && L;
-  if (live && c->notify_close && ls->on_closed_ref != LUA_NOREF) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ls->on_closed_ref);
+  if (live && c->notify_close && ls->on_event_ref != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ls->on_event_ref);
     lua_rawgeti(L, LUA_REGISTRYINDEX, c->lua_ref);
-    bind_call(ls->rt, 1);
+    lua_pushliteral(L, "closed");
+    int nargs = 2;
+    if (c->ws) {
+      const char *reason;
+      size_t len;
+      lua_pushinteger(L, ws_close_status(c, &reason, &len));
+      lua_pushlstring(L, reason, len);
+      nargs = 4;
+    }
+    bind_call(ls->rt, nargs);
   }
   ((conn_handle_t *)c->lua_handle)->c = NULL;
   c->lua_handle = NULL;
@@ -92,6 +102,19 @@ static void push_request(lua_State *L, const http_request_t *req) {
   lua_setfield(L, -2, "keep_alive");
 }
 
+static void on_message(conn_t *c, const char *data, size_t len, int binary, void *ud) {
+  lua_server_t *ls = ud;
+  lua_State *L = ls->rt->lua;
+  if (!L || ls->rt->closing || ls->on_event_ref == LUA_NOREF) return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ls->on_event_ref);
+  bind_push_conn(L, c);
+  lua_pushliteral(L, "message");
+  lua_pushlstring(L, data, len);
+  if (binary) lua_pushliteral(L, "binary");
+  else lua_pushliteral(L, "text");
+  bind_call(ls->rt, 4);
+}
+
 static void on_request(conn_t *c, const http_request_t *req, void *ud) {
   lua_server_t *ls = ud;
   lua_State *L = ls->rt->lua;
@@ -102,7 +125,7 @@ static void on_request(conn_t *c, const http_request_t *req, void *ud) {
   bind_call(ls->rt, 2); /* a failure is logged; http answers 500 for it */
 }
 
-/* server(limits, on_request, on_closed) */
+/* server(limits, on_request, on_event) */
 static int core_server(lua_State *L) {
   runtime_t *rt = bind_runtime(L);
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -121,15 +144,16 @@ static int core_server(lua_State *L) {
   ls->self_ref = LUA_NOREF;
   lua_pushvalue(L, 2);
   ls->on_request_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  ls->on_closed_ref = LUA_NOREF;
+  ls->on_event_ref = LUA_NOREF;
   if (!lua_isnoneornil(L, 3)) {
     luaL_checktype(L, 3, LUA_TFUNCTION);
     lua_pushvalue(L, 3);
-    ls->on_closed_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    ls->on_event_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   }
   luaL_setmetatable(L, SERVER_MT);
   ls->srv = server_new(rt, &limits, on_request, on_conn_closed, ls);
   if (!ls->srv) return luaL_error(L, "out of memory");
+  ls->srv->on_message = on_message;
   return 1;
 }
 
@@ -170,7 +194,7 @@ static int server_gc(lua_State *L) {
   ls->srv = NULL;
   if (!ls->rt->closing) {
     luaL_unref(L, LUA_REGISTRYINDEX, ls->on_request_ref);
-    luaL_unref(L, LUA_REGISTRYINDEX, ls->on_closed_ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, ls->on_event_ref);
   }
   return 0;
 }

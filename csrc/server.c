@@ -116,6 +116,7 @@ void server_release(server_t *s) {
   s->orphaned = 1;
   s->on_request = NULL;
   s->on_conn_closed = NULL;
+  s->on_message = NULL;
   s->ud = NULL;
   if (s->listeners || s->conns) server_close(s);
   else free_if_done(s);

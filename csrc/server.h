@@ -22,6 +22,8 @@ typedef struct server_limits {
 typedef void (*server_request_fn)(conn_t *c, const http_request_t *req, void *ud);
 /* Runs when a conn that the handler knew of (it made a Lua handle) goes away. */
 typedef void (*server_conn_closed_fn)(conn_t *c, void *ud);
+/* A complete WebSocket message from a conn. */
+typedef void (*server_message_fn)(conn_t *c, const char *data, size_t len, int binary, void *ud);
 
 typedef struct listener {
   uv_tcp_t tcp;
@@ -34,6 +36,7 @@ struct server {
   server_limits_t limits;
   server_request_fn on_request;
   server_conn_closed_fn on_conn_closed;
+  server_message_fn on_message;
   void *ud;
   listener_t *listeners;
   conn_t *conns;

@@ -7,6 +7,7 @@ local request = require "herald.request"
 local response = require "herald.response"
 local topics = require "herald.topics"
 local stream = require "herald.stream"
+local websocket = require "herald.websocket"
 
 local herald = { _VERSION = "herald scm" }
 
@@ -24,6 +25,8 @@ local app_schema = {
   heartbeat = { type = "number", default = 15, min = 0, max = 3600 },
   max_queued = { type = "integer", default = 1048576, min = 1024, max = 1073741824 },
   max_subscriptions = { type = "integer", default = 100, min = 1, max = 100000 },
+  max_message = { type = "integer", default = 1048576, min = 1, max = 1073741824 },
+  ping_interval = { type = "number", default = 30, min = 0, max = 86400 },
 }
 herald.defaults = {}
 for name, rule in pairs(app_schema) do herald.defaults[name] = rule.default end
@@ -70,7 +73,7 @@ function herald.new(opts)
     idle_timeout_ms = seconds_to_ms(o.idle_timeout),
     shutdown_timeout_ms = seconds_to_ms(o.shutdown_timeout),
     max_connections = o.max_connections,
-  }, function(conn, raw) app:_dispatch(conn, raw) end, function(conn) app:_stream_closed(conn) end)
+  }, function(conn, raw) app:_dispatch(conn, raw) end, function(conn, ...) app:_on_event(conn, ...) end)
   return app
 end
 
@@ -212,23 +215,29 @@ function app_methods:sse(path, open, opts)
   local o = options.check(sse_schema, rest, "sse", 2)
   o.cors = cors
   o.heartbeat = o.heartbeat or self.config.heartbeat
-  return self:get(path, function(req, res) self:_open_stream(req, res, open, o) end)
+  return self:get(path, function(req, res) self:_open_sse(req, res, open, o) end)
 end
 
-function app_methods:_open_stream(req, res, open, o)
+--- Opens a stream of kind "sse" or "ws" on req's connection: auth, then
+-- open(stream, req), then start(stream) to answer and start it. open may
+-- refuse with false, status, body (or, for WebSocket, ws:close()).
+function app_methods:_open(kind, req, res, open, close, start)
   local conn = res.conn
   local user = self:_authenticate(req, res)
   if user == nil then return end
   if user == true and not self.auth_fn then user = nil end
-  local s = stream.new(self, conn, req, user)
+  local s = stream.new(kind, self, conn, req, user)
   self.streams[conn] = s
-  local ok, refused, status, body = self:_callback(open, s, req)
+  s.opening = true
+  local ok, refused, status, body = true, nil, nil, nil
+  if open then ok, refused, status, body = self:_callback(open, s, req) end
+  s.opening = nil
   local function abandon()
     self.hub:leave_all(conn)
     self.streams[conn] = nil
     s:_finish()
   end
-  if not ok or refused == false then
+  if not ok or refused == false or s.refused then
     abandon()
     if not conn:awaiting() then return end
     if not ok then return plain(res, 500, "internal server error\n") end
@@ -236,30 +245,103 @@ function app_methods:_open_stream(req, res, open, o)
     return plain(res, status, type(body) == "string" and body or "refused\n")
   end
   if not conn:alive() then return abandon() end
-  local headers = {}
-  local origin = o.cors and cors_origin(o.cors, req.headers.origin)
-  if origin then
-    headers = { "Access-Control-Allow-Origin", origin }
-    if origin ~= "*" then
-      headers[3], headers[4] = "Vary", "Origin"
-      if o.credentials then headers[5], headers[6] = "Access-Control-Allow-Credentials", "true" end
-    end
-  end
-  if o.close then s:on_close(o.close) end
-  local last_id = req.headers["last-event-id"] or req.query.last_event_id
-  local started, err = conn:sse_start(headers, math.floor(o.heartbeat * 1000 + 0.5), o.retry, last_id)
+  if close then s:on_close(close) end
+  local started, err = start(s)
   if not started then
     self:_log(("%s %s: stream failed to start: %s"):format(req.method, req.path, err), req)
     abandon()
   end
 end
 
---- C tells us a stream's connection went away.
-function app_methods:_stream_closed(conn)
+function app_methods:_open_sse(req, res, open, o)
+  self:_open("sse", req, res, open, o.close, function(s)
+    local headers = {}
+    local origin = o.cors and cors_origin(o.cors, req.headers.origin)
+    if origin then
+      headers = { "Access-Control-Allow-Origin", origin }
+      if origin ~= "*" then
+        headers[3], headers[4] = "Vary", "Origin"
+        if o.credentials then headers[5], headers[6] = "Access-Control-Allow-Credentials", "true" end
+      end
+    end
+    local last_id = req.headers["last-event-id"] or req.query.last_event_id
+    return s.conn:sse_start(headers, math.floor(o.heartbeat * 1000 + 0.5), o.retry, last_id)
+  end)
+end
+
+local ws_schema = {
+  open = { type = "function" },
+  message = { type = "function" },
+  close = { type = "function" },
+  protocols = { type = "table" },
+  format = { type = "string", default = "raw" },
+  max_message = { type = "integer", min = 1, max = 1073741824 },
+  ping_interval = { type = "number", min = 0, max = 86400 },
+}
+
+--- A WebSocket endpoint at path: spec { open(ws, req), message(ws, data,
+-- kind), close(ws, code, reason), protocols = { ... }, origin, format =
+-- "raw" | "envelope", max_message (bytes), ping_interval (s) }.
+function app_methods:ws(path, spec)
+  if type(spec) ~= "table" then error("ws: spec must be a table", 2) end
+  local origin = spec.origin
+  if origin ~= nil and type(origin) ~= "string" and type(origin) ~= "table" and type(origin) ~= "function" then
+    error("ws: option 'origin' must be an origin, a list of origins or a function", 2)
+  end
+  local rest = {}
+  for k, v in pairs(spec) do
+    if k ~= "origin" then rest[k] = v end
+  end
+  local o = options.check(ws_schema, rest, "ws", 2)
+  if o.format ~= "raw" and o.format ~= "envelope" then
+    error("ws: option 'format' must be \"raw\" or \"envelope\", got " .. o.format, 2)
+  end
+  for i, p in ipairs(o.protocols or {}) do
+    if type(p) ~= "string" or not p:match("^[!#$%%&'*+%-.^_`|~%w]+$") then
+      error(("ws: protocols[%d] must be a token"):format(i), 2)
+    end
+  end
+  o.origin = origin
+  o.max_message = o.max_message or self.config.max_message
+  o.ping_interval = o.ping_interval or self.config.ping_interval
+  return self:get(path, function(req, res) self:_open_ws(req, res, o) end)
+end
+
+function app_methods:_open_ws(req, res, o)
+  local accept, status, reason, headers = websocket.check(req)
+  if not accept then
+    res.code = status
+    for i = 1, #(headers or {}), 2 do res:header(headers[i], headers[i + 1]) end
+    return res:send(reason)
+  end
+  if not websocket.origin_allowed(o.origin, req.headers.origin) then
+    return plain(res, 403, "origin not allowed\n")
+  end
+  self:_open("ws", req, res, o.open, o.close, function(s)
+    s.message_fn = o.message
+    local response = { "Upgrade", "websocket", "Connection", "Upgrade", "Sec-WebSocket-Accept", accept }
+    local protocol = websocket.choose_protocol(o.protocols, req.headers["sec-websocket-protocol"])
+    if protocol then
+      response[7], response[8] = "Sec-WebSocket-Protocol", protocol
+      s.protocol = protocol
+    end
+    return s.conn:ws_start(response, o.max_message, math.floor(o.ping_interval * 1000 + 0.5),
+      o.format == "envelope", req.query.last_event_id)
+  end)
+end
+
+--- From C: a WebSocket message, or a stream's connection gone.
+function app_methods:_on_event(conn, event, a, b)
   local s = self.streams[conn]
   if not s then return end
-  self.streams[conn] = nil
-  s:_finish()
+  if event == "message" then
+    if not s.message_fn then return end
+    local ok = self:_callback(s.message_fn, s, a, b)
+    if not ok then conn:ws_close(1011, "internal error") end
+  elseif event == "closed" then
+    self.streams[conn] = nil
+    s:_finish(a, b)
+  end
 end
 
 local publish_schema = { event = { type = "string" } }

@@ -1,16 +1,19 @@
---- The SSE stream object handed to app:sse handlers: one per connection.
+--- The objects handed to app:sse and app:ws handlers: one per connection.
 -- Topic rules (allow, join, leave) run here, once per subscription; the
 -- messages themselves never pass through Lua.
 local stream = {}
 
-local stream_methods = {}
-stream.mt = { __index = stream_methods }
+local stream_methods = {}                                 -- both transports
+local sse_methods = setmetatable({}, { __index = stream_methods })
+local ws_methods = setmetatable({}, { __index = stream_methods })
+local metatables = { sse = { __index = sse_methods }, ws = { __index = ws_methods } }
 
-function stream.new(app, conn, req, user)
+--- kind: "sse" or "ws"
+function stream.new(kind, app, conn, req, user)
   return setmetatable({
-    app = app, conn = conn, req = req, params = req.params, user = user,
+    kind = kind, app = app, conn = conn, req = req, params = req.params, user = user,
     topics = {}, closers = {},
-  }, stream.mt)
+  }, metatables[kind])
 end
 
 local function check_topic(topic, what)
@@ -43,8 +46,18 @@ function stream_methods:unsubscribe(topic)
   return true
 end
 
+--- Publishes to a topic as this connection's user: the topic's
+-- allow(user, topic, "publish") applies. Returns the id and the count
+-- reached, or nil, "forbidden".
+function stream_methods:publish(topic, data, opts)
+  check_topic(topic, "publish")
+  local rule = self.app.topic_rules:resolve(topic)
+  if rule.allow and not rule.allow(self.user, topic, "publish") then return nil, "forbidden" end
+  return self.app:publish(topic, data, opts)
+end
+
 --- An event for this client alone: opts { event, id, retry (ms) }.
-function stream_methods:send(data, opts)
+function sse_methods:send(data, opts)
   if type(data) ~= "string" then error("send: data must be a string", 2) end
   if opts ~= nil and type(opts) ~= "table" then error("send: opts must be a table", 2) end
   opts = opts or {}
@@ -55,35 +68,62 @@ function stream_methods:send(data, opts)
 end
 
 --- A comment line: clients ignore it.
-function stream_methods:comment(text)
+function sse_methods:comment(text)
   if text ~= nil and type(text) ~= "string" then error("comment: text must be a string", 2) end
   return self.conn:sse_comment(text)
 end
 
 --- Closes the stream; the client reconnects unless told otherwise.
-function stream_methods:close()
+function sse_methods:close()
   self.conn:close()
+end
+
+--- A message for this client alone: kind "text" (default) or "binary".
+function ws_methods:send(data, kind)
+  if type(data) ~= "string" then error("send: data must be a string", 2) end
+  if kind ~= nil and kind ~= "text" and kind ~= "binary" then
+    error("send: kind must be \"text\" or \"binary\"", 2)
+  end
+  return self.conn:ws_send(data, kind)
+end
+
+function ws_methods:ping(data)
+  if data ~= nil and type(data) ~= "string" then error("ping: data must be a string", 2) end
+  return self.conn:ws_send(data or "", "ping")
+end
+
+--- Starts the close handshake (code 1000 unless given); inside open, refuses
+-- the connection instead.
+function ws_methods:close(code, reason)
+  if code ~= nil and math.type(code) ~= "integer" then error("close: code must be an integer", 2) end
+  if reason ~= nil and type(reason) ~= "string" then error("close: reason must be a string", 2) end
+  if self.opening then
+    self.refused = true
+    return true
+  end
+  return self.conn:ws_close(code, reason)
 end
 
 function stream_methods:alive()
   return not self.closed and self.conn:alive()
 end
 
---- fn(stream) runs once when the stream closes, whoever closes it.
+--- fn(stream, code, reason) runs once when the stream closes, whoever
+-- closes it (WebSocket: the close code and reason, 1006 if there was none).
 function stream_methods:on_close(fn)
   if type(fn) ~= "function" then error("on_close: fn must be a function", 2) end
   self.closers[#self.closers + 1] = fn
 end
 
 --- Leaves every topic (leave callbacks run) and runs the close callbacks.
-function stream_methods:_finish()
+function stream_methods:_finish(code, reason)
   if self.closed then return end
   self.closed = true
   for topic, rule in pairs(self.topics) do
     if rule.leave then self.app:_callback(rule.leave, topic, self.user, self) end
   end
   self.topics = {}
-  for _, fn in ipairs(self.closers) do self.app:_callback(fn, self) end
+  for _, fn in ipairs(self.closers) do self.app:_callback(fn, self, code, reason) end
 end
 
 return stream

@@ -325,4 +325,155 @@ function sse_methods:reconnect(opts)
   return t.sse(self.app, self.path, o)
 end
 
+-- ---- WebSocket ----
+
+local ws_methods = {}
+local ws_mt = { __index = ws_methods }
+local opcodes = { continuation = 0, text = 1, binary = 2, close = 8, ping = 9, pong = 10 }
+local kinds = {}
+for k, v in pairs(opcodes) do kinds[v] = k end
+
+local function mask(payload, key)
+  local out, k = {}, { key:byte(1, 4) }
+  for i = 1, #payload, 4096 do
+    local chunk = { payload:byte(i, math.min(i + 4095, #payload)) }
+    for j = 1, #chunk do chunk[j] = chunk[j] ~ k[(i + j - 2) % 4 + 1] end
+    out[#out + 1] = string.char(table.unpack(chunk))
+  end
+  return table.concat(out)
+end
+
+--- One client frame: opts { fin = true, rsv = 0, masked = true, length =
+-- override of the length field }. kind: a name or an opcode number.
+function t.ws_frame(kind, payload, opts)
+  opts = opts or {}
+  payload = payload or ""
+  local opcode = type(kind) == "number" and kind or opcodes[kind]
+  local fin = opts.fin == false and 0 or 0x80
+  local len = opts.length or #payload
+  local masked = opts.masked ~= false
+  local head = string.char(fin | ((opts.rsv or 0) << 4) | opcode)
+  local mbit = masked and 0x80 or 0
+  if len < 126 then
+    head = head .. string.char(mbit | len)
+  elseif len <= 0xFFFF then
+    head = head .. string.char(mbit | 126) .. string.pack(">I2", len)
+  else
+    head = head .. string.char(mbit | 127) .. string.pack(">I8", len)
+  end
+  if not masked then return head .. payload end
+  local key = string.char(math.random(0, 255), math.random(0, 255), math.random(0, 255), math.random(0, 255))
+  return head .. key .. mask(payload, key)
+end
+
+--- Opens a WebSocket: opts { headers, protocols = {...}, query, timeout }.
+-- Returns the client once the handshake's answer arrived: w.status (101 when
+-- open), w.headers, w.protocol; a refusal's body in w.body.
+function t.ws(app, path, opts)
+  opts = opts or {}
+  local headers = {
+    Upgrade = "websocket", Connection = "Upgrade", ["Sec-WebSocket-Version"] = "13",
+    ["Sec-WebSocket-Key"] = "dGhlIHNhbXBsZSBub25jZQ==",
+  }
+  if opts.protocols then headers["Sec-WebSocket-Protocol"] = table.concat(opts.protocols, ", ") end
+  for k, v in pairs(opts.headers or {}) do headers[k] = v or nil end
+  local c = t.connect(app)
+  c:send(encode_request("GET", path, headers))
+  local w = setmetatable({ client = c, app = app, path = path, opts = opts }, ws_mt)
+  local head_end
+  t.wait(function()
+    head_end = c.buffer:find("\r\n\r\n", 1, true)
+    return head_end or c.closed
+  end, opts.timeout, "a WebSocket handshake answer")
+  if not head_end then error("WebSocket: connection closed before an answer", 2) end
+  if c.buffer:match("^HTTP/1%.1 101 ") then
+    local res = t.parse_response(c.buffer:sub(1, head_end + 3), { head = true })
+    w.status, w.headers = res.status, res.headers
+    w.protocol = res.headers["sec-websocket-protocol"]
+    c.buffer = c.buffer:sub(head_end + 4)
+  else
+    local res = c:response()
+    w.status, w.headers, w.body = res.status, res.headers, res.body
+    c:close()
+  end
+  return w
+end
+
+--- Sends a message (one frame): kind "text" (default), "binary", "ping",
+-- "pong", or any frame made with t.ws_frame via w:send_raw.
+function ws_methods:send(data, kind)
+  self.client:send(t.ws_frame(kind or "text", data))
+  return self
+end
+
+function ws_methods:send_raw(bytes)
+  self.client:send(bytes)
+  return self
+end
+
+--- Takes one whole frame off the buffer: { kind, data, fin, opcode, code, reason }.
+local function take_frame(c)
+  local buf = c.buffer
+  if #buf < 2 then return nil end
+  local b1, b2 = buf:byte(1, 2)
+  local len, pos = b2 & 0x7F, 3
+  if len == 126 then
+    if #buf < 4 then return nil end
+    len, pos = string.unpack(">I2", buf, 3)
+  elseif len == 127 then
+    if #buf < 10 then return nil end
+    len, pos = string.unpack(">I8", buf, 3)
+  end
+  if b2 & 0x80 ~= 0 then error("WebSocket: the server sent a masked frame") end
+  if #buf < pos + len - 1 then return nil end
+  local payload = buf:sub(pos, pos + len - 1)
+  c.buffer = buf:sub(pos + len)
+  local f = { opcode = b1 & 0x0F, fin = b1 & 0x80 ~= 0, rsv = (b1 >> 4) & 7, data = payload }
+  f.kind = kinds[f.opcode] or "unknown"
+  if f.kind == "close" and #payload >= 2 then
+    f.code = string.unpack(">I2", payload)
+    f.reason = payload:sub(3)
+  end
+  return f
+end
+
+--- The next frame from the server, waiting up to timeout seconds; nil,
+-- "closed" or nil, "timeout".
+function ws_methods:receive(timeout)
+  local f
+  local ok = pcall(t.wait, function()
+    f = take_frame(self.client)
+    return f or self.client.closed
+  end, timeout, "a WebSocket frame")
+  f = f or take_frame(self.client)
+  if f then return f end
+  return nil, self.client.closed and "closed" or (ok and "closed" or "timeout")
+end
+
+--- Sends a close frame (code 1000 unless given) and waits for the server's
+-- answer; returns the server's close frame (or nil, why).
+function ws_methods:close(code, reason)
+  local payload = code == false and "" or string.pack(">I2", code or 1000) .. (reason or "")
+  self.client:send(t.ws_frame("close", payload))
+  while true do
+    local f, err = self:receive()
+    if not f then return nil, err end
+    if f.kind == "close" then return f end
+  end
+end
+
+--- Whether the server closed the TCP connection.
+function ws_methods:closed()
+  return self.client.closed
+end
+
+--- Waits for the server to close the TCP connection.
+function ws_methods:wait_closed(timeout)
+  return pcall(t.wait, function() return self.client.closed end, timeout, "the server to close")
+end
+
+function ws_methods:abort()
+  self.client:close()
+end
+
 return t

@@ -1,0 +1,428 @@
+#include "ws.h"
+
+#include <openssl/evp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <wslay/wslay.h>
+
+#include "conn.h"
+#include "hub.h"
+#include "server.h"
+#include "utf8.h"
+
+/* How long we wait for the peer's close after sending ours. */
+#define CLOSE_WAIT_MS 5000
+#define MAX_CONTROL 125
+
+struct ws_conn {
+  wslay_frame_context_ptr frames;
+  const char *in; /* input not yet taken by wslay */
+  size_t in_len;
+  ws_options_t opt;
+  /* the frame being read */
+  uint64_t frame_len, frame_off;
+  uint8_t frame_opcode, frame_fin;
+  /* the message being assembled (opcode 0: none) */
+  uint8_t msg_opcode;
+  hstr_t msg;
+  utf8_state_t utf8;
+  uint8_t control[MAX_CONTROL];
+  /* keepalive and close */
+  unsigned heard : 1, ping_due : 1, close_sent : 1, close_received : 1;
+  uint16_t close_code; /* the peer's, or ours if it sent none */
+  uint8_t reason_len;
+  char reason[MAX_CONTROL];
+};
+
+int ws_accept_key(const char *key, size_t len, char out[29]) {
+  static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int dlen = 0;
+  EVP_MD_CTX *md = EVP_MD_CTX_new();
+  int ok = md && EVP_DigestInit_ex(md, EVP_sha1(), NULL) && EVP_DigestUpdate(md, key, len) &&
+           EVP_DigestUpdate(md, guid, sizeof guid - 1) && EVP_DigestFinal_ex(md, digest, &dlen);
+  EVP_MD_CTX_free(md);
+  if (!ok || dlen != 20) return -1;
+  EVP_EncodeBlock((unsigned char *)out, digest, 20); /* 28 chars and a NUL */
+  return 0;
+}
+
+/* ---- frames out ---- */
+
+static hbuf_t *frame(int opcode, const void *a, size_t alen, const void *b, size_t blen) {
+  size_t len = alen + blen;
+  size_t head = len < 126 ? 2 : len <= 0xFFFF ? 4 : 10;
+  hbuf_t *f = hbuf_new(head + len);
+  if (!f) return NULL;
+  uint8_t *p = (uint8_t *)f->data;
+  p[0] = (uint8_t)(0x80 | opcode);
+  if (head == 2) {
+    p[1] = (uint8_t)len;
+  } else if (head == 4) {
+    p[1] = 126;
+    p[2] = (uint8_t)(len >> 8), p[3] = (uint8_t)len;
+  } else {
+    p[1] = 127;
+    for (int i = 0; i < 8; i++) p[2 + i] = (uint8_t)((uint64_t)len >> (56 - 8 * i));
+  }
+  if (alen) memcpy(p + head, a, alen);
+  if (blen) memcpy(p + head + alen, b, blen);
+  return f;
+}
+
+static int send_frame(conn_t *c, int opcode, const void *a, size_t alen, const void *b,
+                      size_t blen) {
+  hbuf_t *f = frame(opcode, a, alen, b, blen);
+  if (!f) return -1;
+  int rc = hub_member_send(c, f);
+  hbuf_unref(f);
+  return rc;
+}
+
+static int send_close(conn_t *c, int code, const char *reason, size_t len) {
+  ws_conn_t *ws = c->ws;
+  ws->close_sent = 1;
+  if (!ws->close_received) {
+    ws->close_code = (uint16_t)code;
+    ws->reason_len = (uint8_t)len;
+    memcpy(ws->reason, reason, len);
+  }
+  if (code == WS_NO_STATUS) return send_frame(c, WS_CLOSE, NULL, 0, NULL, 0);
+  uint8_t status[2] = {(uint8_t)(code >> 8), (uint8_t)code};
+  return send_frame(c, WS_CLOSE, status, 2, reason, len);
+}
+
+/* A protocol error: say why and end the conn without waiting for the peer. */
+static void fail(conn_t *c, int code, const char *why) {
+  if (c->closing || c->ending) return;
+  if (!c->ws->close_sent) send_close(c, code, why, strlen(why));
+  conn_end(c);
+}
+
+/* ---- frames in ---- */
+
+static ssize_t wslay_recv(uint8_t *buf, size_t len, int flags, void *ud) {
+  (void)flags;
+  ws_conn_t *ws = ((conn_t *)ud)->ws;
+  if (ws->in_len == 0) return 0; /* wslay: want read */
+  if (len > ws->in_len) len = ws->in_len;
+  memcpy(buf, ws->in, len);
+  ws->in += len;
+  ws->in_len -= len;
+  return (ssize_t)len;
+}
+
+static ssize_t wslay_send_unused(const uint8_t *data, size_t len, int flags, void *ud) {
+  (void)data, (void)len, (void)flags, (void)ud;
+  return -1; /* frames out are built by frame() */
+}
+
+static int valid_close_code(unsigned code) {
+  return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) ||
+         (code >= 3000 && code <= 4999);
+}
+
+static void on_close_frame(conn_t *c, const uint8_t *p, size_t len) {
+  ws_conn_t *ws = c->ws;
+  if (len == 1) {
+    fail(c, WS_PROTOCOL_ERROR, "close frame of one byte");
+    return;
+  }
+  unsigned code = len ? (unsigned)(p[0] << 8 | p[1]) : WS_NO_STATUS;
+  if (len && !valid_close_code(code)) {
+    fail(c, WS_PROTOCOL_ERROR, "invalid close code");
+    return;
+  }
+  if (len > 2 && !utf8_valid(p + 2, len - 2)) {
+    fail(c, WS_INVALID_DATA, "close reason is not UTF-8");
+    return;
+  }
+  ws->close_received = 1;
+  ws->close_code = (uint16_t)code;
+  ws->reason_len = (uint8_t)(len > 2 ? len - 2 : 0);
+  memcpy(ws->reason, p + 2, ws->reason_len);
+  /* Echo the code, unless we closed first: then this is the answer. */
+  if (!ws->close_sent) send_close(c, (int)code, "", 0);
+  conn_end(c);
+}
+
+static void on_control(conn_t *c, int opcode, const uint8_t *p, size_t len) {
+  if (opcode == WS_PING) {
+    if (!c->ws->close_sent && send_frame(c, WS_PONG, p, len, NULL, 0) != 0) conn_close(c);
+  } else if (opcode == WS_CLOSE) {
+    on_close_frame(c, p, len);
+  } /* a pong: hearing it was the point */
+}
+
+static void on_message(conn_t *c) {
+  ws_conn_t *ws = c->ws;
+  int binary = ws->msg_opcode == WS_BINARY;
+  ws->msg_opcode = 0;
+  if (!binary && ws->utf8.need) {
+    fail(c, WS_INVALID_DATA, "text message is not UTF-8");
+    return;
+  }
+  if (ws->close_sent) return; /* closing: late messages are dropped */
+  if (c->server->on_message)
+    c->server->on_message(c, ws->msg.data ? ws->msg.data : "", ws->msg.len, binary, c->server->ud);
+  if (ws->msg.cap > 65536) hstr_free(&ws->msg);
+  ws->msg.len = 0;
+}
+
+/* The first bytes of a frame: everything wslay leaves to us is checked here. */
+static int frame_start(conn_t *c, const struct wslay_frame_iocb *f) {
+  ws_conn_t *ws = c->ws;
+  if (!f->mask) {
+    fail(c, WS_PROTOCOL_ERROR, "client frames must be masked");
+    return -1;
+  }
+  if (f->rsv) {
+    fail(c, WS_PROTOCOL_ERROR, "reserved bits set");
+    return -1;
+  }
+  int op = f->opcode;
+  if (op >= 8) {
+    if (op != WS_CLOSE && op != WS_PING && op != WS_PONG) {
+      fail(c, WS_PROTOCOL_ERROR, "unknown opcode");
+      return -1;
+    }
+  } else if (op == 0) {
+    if (!ws->msg_opcode) {
+      fail(c, WS_PROTOCOL_ERROR, "continuation without a message");
+      return -1;
+    }
+  } else if (op == WS_TEXT || op == WS_BINARY) {
+    if (ws->msg_opcode) {
+      fail(c, WS_PROTOCOL_ERROR, "new message inside a fragmented one");
+      return -1;
+    }
+    ws->msg_opcode = (uint8_t)op;
+    ws->utf8 = (utf8_state_t){0};
+    ws->msg.len = 0;
+  } else {
+    {
+      fail(c, WS_PROTOCOL_ERROR, "unknown opcode");
+      return -1;
+    }
+  }
+  if (op < 8 && f->payload_length > ws->opt.max_message - ws->msg.len) {
+    fail(c, WS_TOO_BIG, "message too big");
+    return -1;
+  }
+  ws->frame_opcode = (uint8_t)op;
+  ws->frame_fin = f->fin;
+  ws->frame_len = f->payload_length;
+  ws->frame_off = 0;
+  return 0;
+}
+
+static void frame_data(conn_t *c, const struct wslay_frame_iocb *f) {
+  ws_conn_t *ws = c->ws;
+  if (ws->frame_opcode >= 8) {
+    memcpy(ws->control + ws->frame_off, f->data, f->data_length);
+  } else {
+    if (ws->msg_opcode == WS_TEXT && utf8_feed(&ws->utf8, f->data, f->data_length) != 0) {
+      fail(c, WS_INVALID_DATA, "text message is not UTF-8");
+      return;
+    }
+    if (hstr_append(&ws->msg, f->data, f->data_length) != 0) {
+      conn_close(c);
+      return;
+    }
+  }
+  ws->frame_off += f->data_length;
+}
+
+static void on_data(conn_t *c, const char *data, size_t len) {
+  ws_conn_t *ws = c->ws;
+  ws->in = data;
+  ws->in_len = len;
+  ws->heard = 1;
+  while (!c->closing && !c->ending) {
+    struct wslay_frame_iocb f;
+    int at_start = ws->frame_off == ws->frame_len; /* the last frame is done */
+    ssize_t r = wslay_frame_recv(ws->frames, &f);
+    if (r == WSLAY_ERR_WANT_READ) break;
+    if (r < 0) {
+      fail(c, WS_PROTOCOL_ERROR, "malformed frame");
+      return;
+    }
+    if (at_start && frame_start(c, &f) != 0) return;
+    frame_data(c, &f);
+    if (c->closing || c->ending || ws->frame_off < ws->frame_len) continue;
+    if (ws->frame_opcode >= 8)
+      on_control(c, ws->frame_opcode, ws->control, (size_t)ws->frame_len);
+    else if (ws->frame_fin)
+      on_message(c);
+  }
+  ws->in = NULL;
+  ws->in_len = 0;
+}
+
+/* ---- the conn ---- */
+
+static void on_eof(conn_t *c) {
+  conn_close(c);
+}
+
+/* Keepalive: a conn we have not heard from for a ping interval is pinged;
+ * silent for another, it is gone. After our close, the wait for the peer's. */
+static void on_timeout(conn_t *c) {
+  ws_conn_t *ws = c->ws;
+  if (ws->close_sent) {
+    conn_close(c);
+    return;
+  }
+  if (ws->heard) {
+    ws->heard = 0;
+    ws->ping_due = 0;
+  } else if (ws->ping_due) {
+    {
+      conn_close(c);
+      return;
+    }
+  } else {
+    ws->ping_due = 1;
+    if (send_frame(c, WS_PING, NULL, 0, NULL, 0) != 0) {
+      conn_close(c);
+      return;
+    }
+  }
+  conn_set_timer(c, ws->opt.ping_ms);
+}
+
+static void on_drain(conn_t *c) {
+  fail(c, WS_GOING_AWAY, "server shutting down");
+}
+
+static void on_close(conn_t *c) {
+  ws_conn_t *ws = c->ws;
+  if (ws->frames) wslay_frame_context_free(ws->frames);
+  ws->frames = NULL;
+  hstr_free(&ws->msg);
+  /* ws itself stays until the conn is freed: Lua asks how it ended */
+}
+
+/* The format is the conn's: raw payloads (text if they are UTF-8) or the
+ * envelope. Either is built at its first use and shared from then on. */
+static void deliver(conn_t *c, hub_msg_t *m) {
+  if (c->ws->close_sent) return;
+  hbuf_t **slot = c->ws->opt.envelope ? &m->ws_envelope : &m->ws_raw;
+  if (!*slot && !c->ws->opt.envelope) {
+    int op = utf8_valid(m->data, m->data_len) ? WS_TEXT : WS_BINARY;
+    *slot = frame(op, m->data, m->data_len, NULL, 0);
+  } else if (!*slot) {
+    char id[HUB_ID_SIZE];
+    hub_format_id(c->member.hub, m->seq, id);
+    hstr_t json = {0};
+    int rc = hstr_append(&json, "{\"topic\":", 9) |
+             json_append_string(&json, m->topic, m->topic_len) | hstr_append(&json, ",\"id\":", 6) |
+             json_append_string(&json, id, strlen(id));
+    if (m->event)
+      rc |= hstr_append(&json, ",\"event\":", 9) |
+            json_append_string(&json, m->event, strlen(m->event));
+    rc |= hstr_append(&json, ",\"data\":", 8) | json_append_string(&json, m->data, m->data_len) |
+          hstr_append(&json, "}", 1);
+    if (rc == 0) *slot = frame(WS_TEXT, json.data, json.len, NULL, 0);
+    hstr_free(&json);
+  }
+  if (!*slot || conn_send(c, *slot) != 0) conn_close(c);
+}
+
+static void gap(conn_t *c, const hub_topic_t *t) {
+  /* Only the envelope can say it: raw payloads have no room for it. */
+  if (!c->ws->opt.envelope) return;
+  size_t len;
+  const char *name = hub_topic_name(t, &len);
+  hstr_t json = {0};
+  int rc = hstr_append(&json, "{\"topic\":", 9) | json_append_string(&json, name, len) |
+           hstr_append(&json, ",\"event\":\"herald-gap\"}", 22);
+  if (rc || send_frame(c, WS_TEXT, json.data, json.len, NULL, 0) != 0) conn_close(c);
+  hstr_free(&json);
+}
+
+static const conn_proto_t ws_proto = {
+    .name = "ws",
+    .on_data = on_data,
+    .on_eof = on_eof,
+    .on_timeout = on_timeout,
+    .on_writable = hub_member_catch_up,
+    .on_drain = on_drain,
+    .on_close = on_close,
+    .deliver = deliver,
+};
+
+int ws_start(conn_t *c, const http_header_t *headers, size_t nheaders, const ws_options_t *o,
+             const char *last_id, const char **err) {
+  static const struct wslay_frame_callbacks callbacks = {wslay_send_unused, wslay_recv, NULL};
+  ws_conn_t *ws = calloc(1, sizeof *ws);
+  if (!ws || wslay_frame_context_init(&ws->frames, &callbacks, c) != 0) {
+    free(ws);
+    *err = "out of memory";
+    return -1;
+  }
+  ws->opt = *o;
+  if (http_takeover(c, 101, headers, nheaders, &ws_proto, err) != 0) {
+    wslay_frame_context_free(ws->frames);
+    free(ws);
+    return -1;
+  }
+  c->ws = ws;
+  c->notify_close = 1;
+  if (hub_member_start(c, last_id, gap) != 0) {
+    *err = "out of memory";
+    conn_close(c);
+    return -1;
+  }
+  if (o->ping_ms) conn_set_timer(c, o->ping_ms);
+  return 0;
+}
+
+int ws_send(conn_t *c, const char *data, size_t len, int opcode, const char **err) {
+  if (opcode == WS_TEXT && !utf8_valid(data, len)) {
+    *err = "text must be valid UTF-8";
+    return -1;
+  }
+  if (opcode == WS_PING && len > MAX_CONTROL) {
+    *err = "ping data must be at most 125 bytes";
+    return -1;
+  }
+  if (c->ws && c->ws->close_sent) {
+    *err = "closing";
+    return -1;
+  }
+  if (send_frame(c, opcode, data, len, NULL, 0) != 0) {
+    *err = "out of memory";
+    return -1;
+  }
+  return 0;
+}
+
+int ws_close(conn_t *c, int code, const char *reason, size_t len, const char **err) {
+  if (!(code == WS_NORMAL || code == WS_GOING_AWAY ||
+        (code >= 1007 && code <= 1014 && code != 1010) || (code >= 3000 && code <= 4999))) {
+    *err = "code must be 1000, 1001, 1007-1009, 1011-1014 or 3000-4999";
+    return -1;
+  }
+  if (len > MAX_CONTROL - 2 || !utf8_valid(reason, len)) {
+    *err = "reason must be UTF-8 of at most 123 bytes";
+    return -1;
+  }
+  if (!c->ws || c->ws->close_sent) return 0;
+  if (send_close(c, code, reason, len) != 0) {
+    conn_close(c);
+    return 0;
+  }
+  conn_set_timer(c, CLOSE_WAIT_MS); /* for the peer's answer */
+  return 0;
+}
+
+int ws_close_status(const conn_t *c, const char **reason, size_t *len) {
+  const ws_conn_t *ws = c->ws;
+  *reason = "";
+  *len = 0;
+  if (!ws || !ws->close_code) return WS_ABNORMAL;
+  *reason = ws->reason;
+  *len = ws->reason_len;
+  return ws->close_code;
+}
