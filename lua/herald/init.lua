@@ -319,13 +319,13 @@ function app_methods:_open_ws(req, res, o)
   end
   self:_open("ws", req, res, o.open, o.close, function(s)
     s.message_fn = o.message
-    local response = { "Upgrade", "websocket", "Connection", "Upgrade", "Sec-WebSocket-Accept", accept }
+    local answer = { "Upgrade", "websocket", "Connection", "Upgrade", "Sec-WebSocket-Accept", accept }
     local protocol = websocket.choose_protocol(o.protocols, req.headers["sec-websocket-protocol"])
     if protocol then
-      response[7], response[8] = "Sec-WebSocket-Protocol", protocol
+      answer[7], answer[8] = "Sec-WebSocket-Protocol", protocol
       s.protocol = protocol
     end
-    return s.conn:ws_start(response, o.max_message, math.floor(o.ping_interval * 1000 + 0.5),
+    return s.conn:ws_start(answer, o.max_message, math.floor(o.ping_interval * 1000 + 0.5),
       o.format == "envelope", req.query.last_event_id)
   end)
 end
