@@ -40,7 +40,7 @@ INST_LUADIR ?= /usr/local/share/lua/5.4
 install: release
 	install -d $(INST_LIBDIR)/herald $(INST_LUADIR)/herald
 	install -m 755 $(BUILD)/release/herald/core.so $(INST_LIBDIR)/herald/core.so
-	install -m 644 lua/herald/*.lua $(INST_LUADIR)/herald/
+	install -m 644 lua/herald/*.lua lua/herald/*.js $(INST_LUADIR)/herald/
 
 $(BUILD)/llhttp/%.o: $(LLHTTP)/%.c
 	@mkdir -p $(dir $@)

@@ -30,6 +30,8 @@ local ranges = {
   heartbeat = { "number", 0, 3600 },
   max_queued = { "integer", 1024, 1073741824 },
   max_subscriptions = { "integer", 1, 100000 },
+  max_message = { "integer", 1, 1073741824 },
+  ping_interval = { "number", 0, 86400 },
 }
 
 describe("herald.new options", function()
@@ -47,6 +49,9 @@ describe("herald.new options", function()
       heartbeat = 15,
       max_queued = 1048576,
       max_subscriptions = 100,
+      max_message = 1048576,
+      ping_interval = 30,
+      client_js = true,
     }, herald.defaults)
   end)
 

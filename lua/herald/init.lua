@@ -11,6 +11,9 @@ local websocket = require "herald.websocket"
 
 local herald = { _VERSION = "herald scm" }
 
+-- herald.js, the browser client, is installed beside this file.
+local module_dir = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
+
 local app_schema = {
   max_header_size = { type = "integer", default = 16384, min = 1024, max = 1048576 },
   max_body_size = { type = "integer", default = 1048576, min = 0, max = 1073741824 },
@@ -27,6 +30,7 @@ local app_schema = {
   max_subscriptions = { type = "integer", default = 100, min = 1, max = 100000 },
   max_message = { type = "integer", default = 1048576, min = 1, max = 1073741824 },
   ping_interval = { type = "number", default = 30, min = 0, max = 86400 },
+  client_js = { type = "boolean", default = true }, -- serve herald.js at /herald.js
 }
 herald.defaults = {}
 for name, rule in pairs(app_schema) do herald.defaults[name] = rule.default end
@@ -74,6 +78,9 @@ function herald.new(opts)
     shutdown_timeout_ms = seconds_to_ms(o.shutdown_timeout),
     max_connections = o.max_connections,
   }, function(conn, raw) app:_dispatch(conn, raw) end, function(conn, ...) app:_on_event(conn, ...) end)
+  if o.client_js then
+    app:get("/herald.js", function(_, res) res:file(module_dir .. "/herald.js") end)
+  end
   return app
 end
 
