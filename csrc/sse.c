@@ -6,6 +6,7 @@
 
 #include "conn.h"
 #include "hub.h"
+#include "utf8.h"
 
 static int append(hstr_t *out, const char *s, size_t len) {
   return hstr_append(out, s, len);
@@ -92,12 +93,8 @@ static void send_gap(conn_t *c, const hub_topic_t *t) {
   size_t len;
   const char *name = hub_topic_name(t, &len);
   hstr_t json = {0};
-  int rc = append(&json, "{\"topic\":\"", 10);
-  for (size_t i = 0; i < len; i++) {
-    if (name[i] == '"' || name[i] == '\\') rc |= append(&json, "\\", 1);
-    rc |= append(&json, name + i, 1);
-  }
-  rc |= append(&json, "\"}", 2);
+  int rc = hstr_append(&json, "{\"topic\":", 9) | json_append_string(&json, name, len) |
+           hstr_append(&json, "}", 1);
   if (rc == 0) rc = sse_send(c, json.data, json.len, SSE_GAP_EVENT, NULL, -1);
   hstr_free(&json);
   if (rc) conn_close(c);
