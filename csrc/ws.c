@@ -18,6 +18,10 @@ struct ws_conn {
   wslay_frame_context_ptr frames;
   const char *in; /* input not yet taken by wslay */
   size_t in_len;
+  /* Bytes given to wslay, and bytes of frames it has returned (headers and
+   * payload): equal, wslay holds nothing and its context (4 KiB of buffer)
+   * is freed until the next input, so an idle conn costs little. */
+  uint64_t given, parsed;
   ws_options_t opt;
   /* the frame being read */
   uint64_t frame_len, frame_off;
@@ -109,6 +113,7 @@ static ssize_t wslay_recv(uint8_t *buf, size_t len, int flags, void *ud) {
   memcpy(buf, ws->in, len);
   ws->in += len;
   ws->in_len -= len;
+  ws->given += len;
   return (ssize_t)len;
 }
 
@@ -165,7 +170,6 @@ static void on_message(conn_t *c) {
   if (ws->close_sent) return; /* closing: late messages are dropped */
   if (c->server->on_message)
     c->server->on_message(c, ws->msg.data ? ws->msg.data : "", ws->msg.len, binary, c->server->ud);
-  if (ws->msg.cap > 65536) hstr_free(&ws->msg);
   ws->msg.len = 0;
 }
 
@@ -209,6 +213,7 @@ static int frame_start(conn_t *c, const struct wslay_frame_iocb *f) {
     fail(c, WS_TOO_BIG, "message too big");
     return -1;
   }
+  ws->parsed += 2 + (f->payload_length > 0xFFFF ? 8 : f->payload_length > 125 ? 2 : 0) + 4;
   ws->frame_opcode = (uint8_t)op;
   ws->frame_fin = f->fin;
   ws->frame_len = f->payload_length;
@@ -231,10 +236,17 @@ static void frame_data(conn_t *c, const struct wslay_frame_iocb *f) {
     }
   }
   ws->frame_off += f->data_length;
+  ws->parsed += f->data_length;
 }
+
+static const struct wslay_frame_callbacks wslay_callbacks = {wslay_send_unused, wslay_recv, NULL};
 
 static void on_data(conn_t *c, const char *data, size_t len) {
   ws_conn_t *ws = c->ws;
+  if (!ws->frames && wslay_frame_context_init(&ws->frames, &wslay_callbacks, c) != 0) {
+    conn_close(c);
+    return;
+  }
   ws->in = data;
   ws->in_len = len;
   ws->heard = 1;
@@ -257,6 +269,10 @@ static void on_data(conn_t *c, const char *data, size_t len) {
   }
   ws->in = NULL;
   ws->in_len = 0;
+  if (c->closing || ws->given != ws->parsed) return;
+  wslay_frame_context_free(ws->frames);
+  ws->frames = NULL;
+  if (!ws->msg_opcode && ws->msg.cap > 1024) hstr_free(&ws->msg);
 }
 
 /* ---- the conn ---- */
@@ -354,16 +370,13 @@ static const conn_proto_t ws_proto = {
 
 int ws_start(conn_t *c, const http_header_t *headers, size_t nheaders, const ws_options_t *o,
              const char *last_id, const char **err) {
-  static const struct wslay_frame_callbacks callbacks = {wslay_send_unused, wslay_recv, NULL};
   ws_conn_t *ws = calloc(1, sizeof *ws);
-  if (!ws || wslay_frame_context_init(&ws->frames, &callbacks, c) != 0) {
-    free(ws);
+  if (!ws) {
     *err = "out of memory";
     return -1;
   }
   ws->opt = *o;
   if (http_takeover(c, 101, headers, nheaders, &ws_proto, err) != 0) {
-    wslay_frame_context_free(ws->frames);
     free(ws);
     return -1;
   }
