@@ -269,7 +269,7 @@ static void on_data(conn_t *c, const char *data, size_t len) {
   }
   ws->in = NULL;
   ws->in_len = 0;
-  if (c->closing || ws->given != ws->parsed) return;
+  if (c->closing || ws->frame_off != ws->frame_len || ws->given != ws->parsed) return;
   wslay_frame_context_free(ws->frames);
   ws->frames = NULL;
   if (!ws->msg_opcode && ws->msg.cap > 1024) hstr_free(&ws->msg);
