@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "server.h"
+#include "tls.h"
 
 /* After FIN, how long a closing conn keeps reading so that the peer's last
  * bytes in flight do not turn our close into a reset that loses the answer. */
@@ -25,6 +26,7 @@ static void free_conn(conn_t *c) {
   free(c->outq);
   server_remove_conn(c->server, c);
   free(c->ws);
+  tls_conn_free(c);
   free(c);
 }
 
@@ -54,7 +56,8 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   if (c->closing) return;
   if (n > 0) {
     if (c->shut) return; /* lingering: discard */
-    c->proto->on_data(c, buf->base, (size_t)n);
+    if (c->tls) tls_on_read(c, buf->base, (size_t)n);
+    else c->proto->on_data(c, buf->base, (size_t)n);
   } else if (n < 0) {
     if (c->shut) {
       conn_close(c);
@@ -68,7 +71,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
 static void on_timer(uv_timer_t *t) {
   conn_t *c = t->data;
   if (c->closing) return;
-  if (c->shut) {
+  if (c->shut || (c->tls && !tls_handshake_done(c))) { /* lingered, or a handshake too slow */
     conn_close(c);
     return;
   }
@@ -105,6 +108,8 @@ void conn_pause_reading(conn_t *c) {
 void conn_resume_reading(conn_t *c) {
   if (c->reading || c->closing) return;
   if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = 1;
+  /* Input decrypted before the pause will not come from the socket again. */
+  if (c->reading && tls_has_input(c)) tls_on_read(c, NULL, 0);
 }
 
 void conn_set_timer(conn_t *c, uint64_t ms) {
@@ -115,7 +120,7 @@ void conn_stop_timer(conn_t *c) {
   uv_timer_stop(&c->timer);
 }
 
-static void mark_dirty(conn_t *c) {
+void conn_mark_dirty(conn_t *c) {
   if (c->dirty) return;
   c->dirty = 1;
   c->prev_dirty = NULL;
@@ -141,7 +146,19 @@ int conn_send(conn_t *c, hbuf_t *b) {
   }
   c->outq[c->out_len++].buf = hbuf_ref(b);
   c->queued_bytes += b->len;
-  mark_dirty(c);
+  conn_mark_dirty(c);
+  return 0;
+}
+
+int conn_queue_cipher(conn_t *c, hbuf_t *b) {
+  if (conn_send(c, b) != 0) return -1; /* at the end, then moved before the plaintext */
+  unsigned at = c->out_head + c->out_cipher, last = c->out_len - 1;
+  if (last > at) {
+    out_item_t item = c->outq[last];
+    memmove(c->outq + at + 1, c->outq + at, (last - at) * sizeof *c->outq);
+    c->outq[at] = item;
+  }
+  c->out_cipher++;
   return 0;
 }
 
@@ -178,6 +195,7 @@ static void on_write(uv_write_t *req, int status) {
     hbuf_unref(it->buf);
   }
   c->out_head += c->out_inflight;
+  if (c->tls) c->out_cipher -= c->out_inflight;
   c->out_inflight = 0;
   c->writing = 0;
   c->backed_up = 0;
@@ -188,7 +206,7 @@ static void on_write(uv_write_t *req, int status) {
     return;
   }
   if (c->out_len > c->out_head) {
-    mark_dirty(c);
+    conn_mark_dirty(c);
   } else {
     on_queue_empty(c);
   }
@@ -198,9 +216,14 @@ static void on_write(uv_write_t *req, int status) {
 
 static void flush(conn_t *c) {
   if (c->closing || c->writing) return;
-  unsigned n = c->out_len - c->out_head;
+  if (c->tls && tls_encrypt(c) != 0) {
+    conn_close(c);
+    return;
+  }
+  /* Over TLS only ciphertext is written; plaintext may wait for the handshake. */
+  unsigned n = c->tls ? c->out_cipher : c->out_len - c->out_head;
   if (n == 0) {
-    on_queue_empty(c);
+    if (c->out_len == c->out_head) on_queue_empty(c);
     return;
   }
   if (n > MAX_WRITE_BATCH) n = MAX_WRITE_BATCH;
@@ -232,5 +255,5 @@ void conn_end(conn_t *c) {
   c->ending = 1;
   conn_stop_timer(c);
   conn_pause_reading(c);
-  mark_dirty(c); /* the flush sees an empty queue and shuts down */
+  conn_mark_dirty(c); /* the flush sees an empty queue and shuts down */
 }

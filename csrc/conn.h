@@ -37,6 +37,8 @@ typedef struct out_item {
   hbuf_t *buf;
 } out_item_t;
 
+typedef struct tls_conn tls_conn_t;
+
 struct conn {
   uv_tcp_t tcp;
   uv_timer_t timer;
@@ -49,6 +51,7 @@ struct conn {
   conn_t *prev_dirty, *next_dirty; /* the runtime's list of conns to flush */
   out_item_t *outq;
   unsigned out_head, out_len, out_cap, out_inflight;
+  unsigned out_cipher;     /* TLS: the first out_cipher queued chunks are ciphertext, the rest plaintext */
   size_t queued_bytes;     /* bytes queued and not yet written */
   unsigned handles_open;   /* tcp and timer: freed when both are closed */
   unsigned dirty : 1, writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1,
@@ -60,6 +63,7 @@ struct conn {
   http_conn_t http;
   hub_member_t member;
   ws_conn_t *ws;           /* WebSocket state after a 101; freed with the conn */
+  tls_conn_t *tls;         /* NULL on a plain listener */
 };
 
 /* Accepts a pending connection on listener into a new conn of server. */
@@ -80,6 +84,13 @@ void conn_set_timer(conn_t *c, uint64_t ms);
 void conn_stop_timer(conn_t *c);
 void conn_pause_reading(conn_t *c);
 void conn_resume_reading(conn_t *c);
+
+/* Flush this conn at the end of the loop turn. */
+void conn_mark_dirty(conn_t *c);
+
+/* TLS: queues ciphertext after the ciphertext already queued (and before the
+ * plaintext that waits for the handshake). */
+int conn_queue_cipher(conn_t *c, hbuf_t *b);
 
 /* Writes every dirty conn's queue (the runtime's prepare handle calls it). */
 void conn_flush_all(runtime_t *rt);

@@ -75,8 +75,16 @@ void runtime_drain(runtime_t *rt) {
 }
 
 static void on_signal(uv_signal_t *h, int signum) {
-  (void)signum;
-  runtime_drain(h->data);
+  runtime_t *rt = h->data;
+  if (signum != SIGHUP) {
+    runtime_drain(rt);
+    return;
+  }
+  /* SIGHUP: new certificates for new connections; a bad one keeps the old. */
+  for (server_t *s = rt->servers; s; s = s->next_in_rt) {
+    char err[512];
+    if (server_reload_tls(s, err, sizeof err) != 0) runtime_log(rt, "SIGHUP: %s (kept the old certificates)", err);
+  }
 }
 
 int bind_call(runtime_t *rt, int nargs) {
@@ -136,12 +144,14 @@ static int core_run(lua_State *L) {
   rt->stopped = 0;
   uv_signal_start(&rt->sigint, on_signal, SIGINT);
   uv_signal_start(&rt->sigterm, on_signal, SIGTERM);
+  uv_signal_start(&rt->sighup, on_signal, SIGHUP);
   while (!rt->stopped) {
     if (!uv_run(&rt->loop, UV_RUN_ONCE) && !rt->draining) break; /* nothing left to serve */
   }
   uv_run(&rt->loop, UV_RUN_NOWAIT); /* let the last closes complete */
   uv_signal_stop(&rt->sigint);
   uv_signal_stop(&rt->sigterm);
+  uv_signal_stop(&rt->sighup);
   rt->running = 0;
   rt->draining = 0;
   rt->lua = outer;
@@ -319,9 +329,11 @@ static int runtime_new(lua_State *L) {
   uv_timer_init(&rt->loop, &rt->tick_timer);
   uv_signal_init(&rt->loop, &rt->sigint);
   uv_signal_init(&rt->loop, &rt->sigterm);
-  rt->sigint.data = rt->sigterm.data = rt;
+  uv_signal_init(&rt->loop, &rt->sighup);
+  rt->sigint.data = rt->sigterm.data = rt->sighup.data = rt;
   uv_unref((uv_handle_t *)&rt->sigint);
   uv_unref((uv_handle_t *)&rt->sigterm);
+  uv_unref((uv_handle_t *)&rt->sighup);
   return 1;
 }
 

@@ -5,6 +5,7 @@
 #include "conn.h"
 #include "lua_bind.h"
 #include "server.h"
+#include "tls.h"
 #include "ws.h"
 
 #define SERVER_MT "herald.server"
@@ -157,20 +158,79 @@ static int core_server(lua_State *L) {
   return 1;
 }
 
-/* srv:listen(host, port, backlog) -> port | nil, err, ename */
+/* The TLS table the Lua half built: { certs = {...}, keys = {...}, ciphers,
+ * ciphersuites, handshake_timeout_ms }. NULL with err on a bad file. */
+static tls_config_t *check_tls(lua_State *L, int idx, char *err, size_t errlen) {
+  luaL_checktype(L, idx, LUA_TTABLE);
+  lua_getfield(L, idx, "certs");
+  lua_getfield(L, idx, "keys");
+  int certs = lua_gettop(L) - 1, keys = certs + 1;
+  luaL_checktype(L, certs, LUA_TTABLE);
+  luaL_checktype(L, keys, LUA_TTABLE);
+  size_t n = (size_t)luaL_len(L, certs);
+  luaL_argcheck(L, n > 0 && n <= 64 && (size_t)luaL_len(L, keys) == n, idx,
+                "tls: 1 to 64 certificates, each with a key");
+  const char **paths = lua_newuserdatauv(L, 2 * n * sizeof *paths, 0);
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, certs, (lua_Integer)i + 1);
+    lua_rawgeti(L, keys, (lua_Integer)i + 1);
+    paths[i] = luaL_checkstring(L, -2);
+    paths[n + i] = luaL_checkstring(L, -1);
+    lua_pop(L, 2); /* anchored by the tables */
+  }
+  lua_getfield(L, idx, "ciphers");
+  lua_getfield(L, idx, "ciphersuites");
+  tls_settings_t settings = {
+      .certs = paths, .keys = paths + n, .n = n,
+      .ciphers = luaL_optstring(L, -2, NULL), .ciphersuites = luaL_optstring(L, -1, NULL),
+      .handshake_timeout_ms = (uint64_t)bind_opt_integer(L, idx, "handshake_timeout_ms", 10000),
+  };
+  tls_config_t *cfg = tls_config_new(&settings, err, errlen);
+  lua_pop(L, 5);
+  return cfg;
+}
+
+/* srv:listen(host, port, backlog, tls) -> port | nil, err, ename */
 static int server_listen_l(lua_State *L) {
   lua_server_t *ls = check_server(L);
   const char *host = luaL_checkstring(L, 2);
   lua_Integer port = luaL_checkinteger(L, 3);
   lua_Integer backlog = luaL_optinteger(L, 4, 511);
   luaL_argcheck(L, port >= 0 && port <= 65535, 3, "must be 0 to 65535");
-  int rc = server_listen(ls->srv, host, (int)port, (int)backlog);
-  if (rc < 0) return bind_uv_error(L, rc);
+  tls_config_t *tls = NULL;
+  if (!lua_isnoneornil(L, 5)) {
+    char err[512];
+    tls = check_tls(L, 5, err, sizeof err); /* before binding: never half-configured */
+    if (!tls) {
+      lua_pushnil(L);
+      lua_pushstring(L, err);
+      lua_pushliteral(L, "TLS");
+      return 3;
+    }
+  }
+  int rc = server_listen(ls->srv, host, (int)port, (int)backlog, tls);
+  if (rc < 0) {
+    tls_config_unref(tls);
+    return bind_uv_error(L, rc);
+  }
   if (ls->self_ref == LUA_NOREF) {
     lua_pushvalue(L, 1);
     ls->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   }
   lua_pushinteger(L, rc);
+  return 1;
+}
+
+/* srv:reload_tls() -> true | nil, err */
+static int server_reload_tls_l(lua_State *L) {
+  lua_server_t *ls = check_server(L);
+  char err[512];
+  if (server_reload_tls(ls->srv, err, sizeof err) != 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  lua_pushboolean(L, 1);
   return 1;
 }
 
@@ -276,7 +336,7 @@ static int conn_peer(lua_State *L) {
 
 void bind_server_open(lua_State *L, int runtime_idx) {
   static const luaL_Reg server_methods[] = {
-      {"listen", server_listen_l}, {"close", server_close_l},
+      {"listen", server_listen_l}, {"close", server_close_l}, {"reload_tls", server_reload_tls_l},
       {"connections", server_connections}, {"__gc", server_gc}, {NULL, NULL}};
   static const luaL_Reg conn_methods[] = {
       {"respond", conn_respond}, {"close", conn_close_l}, {"alive", conn_alive},

@@ -27,11 +27,12 @@ typedef struct runtime {
   int stopped;            /* the drain finished: run() returns */
   int running;            /* inside run() */
   uv_timer_t drain_timer; /* bounds the drain by the servers' shutdown_timeout */
-  uv_signal_t sigint, sigterm;
+  uv_signal_t sigint, sigterm, sighup;
   int closing;            /* the Lua state is closing: no more calls into Lua */
   void *lua;              /* lua_State of the thread currently running the loop */
   int on_error_ref;       /* Lua logger for errors raised in callbacks */
   char read_buf[HERALD_READ_CHUNK]; /* reads are handled synchronously: one buffer serves all */
+  char tls_buf[16384];    /* and the plaintext of one TLS record */
 } runtime_t;
 
 /* Current Date header value (cached per second of loop time). */

@@ -1,9 +1,11 @@
 #include "server.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "conn.h"
+#include "tls.h"
 
 /* Beyond this many conns waiting for their 503, new ones are dropped
  * without an answer: a flood must not cost memory. */
@@ -35,6 +37,7 @@ static void free_if_done(server_t *s) {
 
 static void on_listener_closed(uv_handle_t *h) {
   listener_t *l = h->data;
+  tls_config_unref(l->tls);
   free(l);
 }
 
@@ -55,6 +58,10 @@ static void on_connection(uv_stream_t *stream, int status) {
   conn_t *c = conn_accept(s, stream);
   if (!c) return;
   http_conn_start(c);
+  if (l->tls && tls_conn_start(c, l->tls) != 0) {
+    conn_close(c);
+    return;
+  }
   if (over) {
     c->rejected = 1;
     s->rejecting++;
@@ -68,7 +75,7 @@ static int resolve(const char *host, int port, struct sockaddr_storage *addr) {
   return UV_EINVAL;
 }
 
-int server_listen(server_t *s, const char *host, int port, int backlog) {
+int server_listen(server_t *s, const char *host, int port, int backlog, tls_config_t *tls) {
   struct sockaddr_storage addr;
   int rc = resolve(host, port, &addr);
   if (rc) return rc;
@@ -89,9 +96,38 @@ int server_listen(server_t *s, const char *host, int port, int backlog) {
   uv_tcp_getsockname(&l->tcp, (struct sockaddr *)&bound, &len);
   l->next = s->listeners;
   s->listeners = l;
+  l->tls = tls; /* the caller's reference, now the listener's */
   s->draining = 0;
   return ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
                                            : ((struct sockaddr_in *)&bound)->sin_port);
+}
+
+int server_reload_tls(server_t *s, char *err, size_t errlen) {
+  size_t n = 0;
+  for (listener_t *l = s->listeners; l; l = l->next) n += l->tls != NULL;
+  if (n == 0) return 0;
+  tls_config_t **fresh = calloc(n, sizeof *fresh);
+  if (!fresh) {
+    snprintf(err, errlen, "tls: out of memory");
+    return -1;
+  }
+  size_t i = 0;
+  int rc = 0;
+  for (listener_t *l = s->listeners; l && rc == 0; l = l->next)
+    if (l->tls && !(fresh[i++] = tls_config_reload(l->tls, err, errlen))) rc = -1;
+  i = 0;
+  for (listener_t *l = s->listeners; l; l = l->next) {
+    if (!l->tls) continue;
+    if (rc == 0) {
+      tls_config_unref(l->tls);
+      l->tls = fresh[i];
+    } else {
+      tls_config_unref(fresh[i]);
+    }
+    i++;
+  }
+  free(fresh);
+  return rc;
 }
 
 void server_close(server_t *s) {

@@ -25,9 +25,12 @@ typedef void (*server_conn_closed_fn)(conn_t *c, void *ud);
 /* A complete WebSocket message from a conn. */
 typedef void (*server_message_fn)(conn_t *c, const char *data, size_t len, int binary, void *ud);
 
+typedef struct tls_config tls_config_t;
+
 typedef struct listener {
   uv_tcp_t tcp;
   server_t *server;
+  tls_config_t *tls;      /* NULL: plain TCP */
   struct listener *next;
 } listener_t;
 
@@ -50,8 +53,14 @@ struct server {
 server_t *server_new(runtime_t *rt, const server_limits_t *limits, server_request_fn on_request,
                      server_conn_closed_fn on_conn_closed, void *ud);
 
-/* Binds and listens; returns the bound port, or a negative libuv error. */
-int server_listen(server_t *s, const char *host, int port, int backlog);
+/* Binds and listens (with TLS when tls is not NULL: on success the listener
+ * owns the caller's reference); returns the bound port, or a negative libuv
+ * error. */
+int server_listen(server_t *s, const char *host, int port, int backlog, tls_config_t *tls);
+
+/* Reads every TLS listener's certificates again; on any error keeps them all
+ * as they were and returns -1 with err filled. New conns get the new ones. */
+int server_reload_tls(server_t *s, char *err, size_t errlen);
 
 /* Stops accepting and finishes every conn: idle ones close now, busy ones
  * after their response. */

@@ -39,7 +39,41 @@ local listen_schema = {
   host = { type = "string", default = "127.0.0.1" },
   port = { type = "integer", default = 8080, min = 0, max = 65535 },
   backlog = { type = "integer", default = 511, min = 1, max = 65535 },
+  tls = { type = "table" },
 }
+
+local tls_schema = {
+  cert = { type = "string" },
+  key = { type = "string" },
+  ciphers = { type = "string" },        -- TLS 1.2 list; default: forward-secret AEAD suites
+  ciphersuites = { type = "string" },   -- TLS 1.3; default: OpenSSL's
+  handshake_timeout = { type = "number", default = 10, min = 0.05, max = 3600 },
+}
+
+-- tls = { cert, key, ... } or { { cert, key }, { cert, key }, ... , options }:
+-- the table the C listener takes.
+local function check_tls(tls)
+  local settings = {}
+  for k, v in pairs(tls) do
+    if math.type(k) ~= "integer" then settings[k] = v end
+  end
+  local o = options.check(tls_schema, settings, "listen: tls", 4)
+  local certs, keys = {}, {}
+  if #tls == 0 then
+    if not o.cert or not o.key then error("listen: tls needs cert and key (file names)", 4) end
+    certs[1], keys[1] = o.cert, o.key
+  else
+    if o.cert or o.key then error("listen: tls takes cert and key, or a list of { cert, key }, not both", 4) end
+    for i, pair in ipairs(tls) do
+      if type(pair) ~= "table" or type(pair.cert) ~= "string" or type(pair.key) ~= "string" then
+        error(("listen: tls[%d] must be { cert = file, key = file }"):format(i), 4)
+      end
+      certs[i], keys[i] = pair.cert, pair.key
+    end
+  end
+  return { certs = certs, keys = keys, ciphers = o.ciphers, ciphersuites = o.ciphersuites,
+    handshake_timeout_ms = math.floor(o.handshake_timeout * 1000 + 0.5) }
+end
 
 local function default_logger(message)
   io.stderr:write(os.date("!%Y-%m-%dT%H:%M:%SZ"), " herald: ", tostring(message), "\n")
@@ -434,13 +468,22 @@ function app_methods:publisher(path, opts)
   end)
 end
 
---- app:listen { host = "127.0.0.1", port = 8080, backlog = 511 }: returns
+--- app:listen { host = "127.0.0.1", port = 8080, backlog = 511, tls = ... }: returns
 -- the bound port (port 0 picks a free one), or nil and a message.
 function app_methods:listen(opts)
   local o = options.check(listen_schema, opts, "listen", 2)
-  local port, err = self.server:listen(o.host, o.port, o.backlog)
+  local tls = o.tls and check_tls(o.tls)
+  local port, err = self.server:listen(o.host, o.port, o.backlog, tls)
   if not port then return nil, ("listen on %s port %d: %s"):format(o.host, o.port, err) end
   return port
+end
+
+--- Reads every TLS listener's certificate and key files again: new
+-- connections get them, open ones keep theirs. On an error the old ones
+-- stay and it returns nil and the message. (SIGHUP under herald.run does
+-- this for every app.)
+function app_methods:reload_tls()
+  return self.server:reload_tls()
 end
 
 --- Stops accepting; open connections finish their request and close.
