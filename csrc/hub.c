@@ -473,13 +473,15 @@ int hub_member_start(conn_t *c, const char *last_id, hub_gap_fn gap) {
   replay_t r = {0};
   int rc = 0;
   if (hub && last_id) {
-    uint64_t since = parse_id(hub, last_id);
-    int unknown = since == 0; /* another epoch: whatever it saw is gone */
+    /* "": all the history holds, asked for by the app; no gap to report */
+    int everything = last_id[0] == '\0';
+    uint64_t since = everything ? 0 : parse_id(hub, last_id);
+    int unknown = since == 0 && !everything; /* another epoch: whatever it saw is gone */
     uint64_t now = uv_now(hub->loop);
     for (hub_sub_t *s = m->subs; s && !c->closing; s = s->next_in_conn) {
       hub_topic_t *t = s->topic;
       expire(t, now);
-      if (unknown || lost_since(hub, t, NULL, 0, since)) gap(c, t);
+      if (unknown || (!everything && lost_since(hub, t, NULL, 0, since))) gap(c, t);
       for (unsigned i = 0; i < t->len && rc == 0; i++) {
         hub_msg_t *msg = t->ring[(t->head + i) % t->ring_cap];
         if (msg->seq > since) rc = replay_add(&r, msg);

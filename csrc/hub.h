@@ -111,7 +111,7 @@ void hub_member_release(conn_t *c);
 int hub_member_send(conn_t *c, hbuf_t *b);
 
 /* Starts a conn's stream: answers what it missed since last_id (NULL: no
- * resume) on every topic it joined, merged in id order with the deliveries
+ * resume; "": everything in history, no gap) on every topic it joined, merged in id order with the deliveries
  * held while it opened, then the held direct sends. gap(c, topic) is called
  * first for each topic where messages were lost. */
 typedef void (*hub_gap_fn)(conn_t *c, const hub_topic_t *topic);

@@ -288,7 +288,7 @@ function app_methods:_open_sse(req, res, open, o)
     return res:send()
   end
   self:_open("sse", req, res, open, o.close, function(s)
-    local last_id = req.headers["last-event-id"] or req.query.last_event_id
+    local last_id = req.headers["last-event-id"] or req.query.last_event_id or s.replay_from
     return s.conn:sse_start(headers, math.floor(o.heartbeat * 1000 + 0.5), o.retry, last_id)
   end)
 end
@@ -350,7 +350,7 @@ function app_methods:_open_ws(req, res, o)
       s.protocol = protocol
     end
     return s.conn:ws_start(answer, o.max_message, math.floor(o.ping_interval * 1000 + 0.5),
-      o.format == "envelope", req.query.last_event_id)
+      o.format == "envelope", req.query.last_event_id or s.replay_from)
   end)
 end
 

@@ -35,6 +35,15 @@ function stream_methods:subscribe(topic)
   return true
 end
 
+--- In open: unless the client resumes (Last-Event-ID, ?last_event_id=),
+-- start from since_id, or from all that the topics' histories hold when
+-- nil. The replay comes before live messages, merged in id order, once each.
+function stream_methods:replay(since_id)
+  if since_id ~= nil and type(since_id) ~= "string" then error("replay: since_id must be a string", 2) end
+  if not self.opening then error("replay: only inside open", 2) end
+  self.replay_from = since_id or ""
+end
+
 --- Leaves a topic; true if the stream was in it.
 function stream_methods:unsubscribe(topic)
   check_topic(topic, "unsubscribe")
