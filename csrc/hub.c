@@ -87,6 +87,10 @@ static uint32_t hash_name(const char *s, size_t len) {
   return h;
 }
 
+static uint64_t *forgotten_slot(hub_t *hub, uint32_t hash) {
+  return &hub->forgotten[hash % HUB_FORGOTTEN_SLOTS];
+}
+
 hub_topic_t *hub_find(hub_t *hub, const char *name, size_t len) {
   uint32_t h = hash_name(name, len);
   for (hub_topic_t *t = hub->buckets[h & (hub->nbuckets - 1)]; t; t = t->next_in_bucket)
@@ -152,7 +156,7 @@ static hub_topic_t *topic_get(hub_t *hub, const char *name, size_t len,
   t->name_len = len;
   memcpy(t->name, name, len);
   /* Messages of this name published before it had a record may be lost. */
-  t->evicted_seq = hub->forgotten_seq;
+  t->evicted_seq = *forgotten_slot(hub, t->hash);
   apply_config(t, cfg);
   if (hub->ntopics >= hub->nbuckets) grow_buckets(hub);
   hub_topic_t **b = &hub->buckets[t->hash & (hub->nbuckets - 1)];
@@ -167,7 +171,8 @@ static hub_topic_t *topic_get(hub_t *hub, const char *name, size_t len,
 static void topic_free_if_idle(hub_topic_t *t) {
   if (t->nsubs || t->len || t->publishing) return;
   hub_t *hub = t->hub;
-  if (t->evicted_seq > hub->forgotten_seq) hub->forgotten_seq = t->evicted_seq;
+  uint64_t *slot = forgotten_slot(hub, t->hash);
+  if (t->evicted_seq > *slot) *slot = t->evicted_seq;
   hub_topic_t **p = &hub->buckets[t->hash & (hub->nbuckets - 1)];
   while (*p != t) p = &(*p)->next_in_bucket;
   *p = t->next_in_bucket;
@@ -403,7 +408,7 @@ uint64_t hub_publish(hub_t *hub, const char *name, size_t len, const hub_topic_c
   uint64_t seq = msg->seq;
   hub->stats.published++;
   if (!t) { /* nobody to tell, nothing to keep */
-    hub->forgotten_seq = seq;
+    *forgotten_slot(hub, hash_name(name, len)) = seq;
     hub_msg_unref(msg);
     return seq;
   }
@@ -453,9 +458,10 @@ static int by_seq(const void *a, const void *b) {
   return x < y ? -1 : x > y;
 }
 
-/* Whether topic t (NULL: no record) lost messages newer than since. */
-static int lost_since(const hub_t *hub, const hub_topic_t *t, uint64_t since) {
-  return (t ? t->evicted_seq : hub->forgotten_seq) > since;
+/* Whether topic t (NULL: no record of name) lost messages newer than since. */
+static int lost_since(hub_t *hub, const hub_topic_t *t, const char *name, size_t len,
+                      uint64_t since) {
+  return (t ? t->evicted_seq : *forgotten_slot(hub, hash_name(name, len))) > since;
 }
 
 int hub_member_start(conn_t *c, const char *last_id, hub_gap_fn gap) {
@@ -467,13 +473,15 @@ int hub_member_start(conn_t *c, const char *last_id, hub_gap_fn gap) {
   replay_t r = {0};
   int rc = 0;
   if (hub && last_id) {
-    uint64_t since = parse_id(hub, last_id);
-    int unknown = since == 0; /* another epoch: whatever it saw is gone */
+    /* "": all the history holds, asked for by the app; no gap to report */
+    int everything = last_id[0] == '\0';
+    uint64_t since = everything ? 0 : parse_id(hub, last_id);
+    int unknown = since == 0 && !everything; /* another epoch: whatever it saw is gone */
     uint64_t now = uv_now(hub->loop);
     for (hub_sub_t *s = m->subs; s && !c->closing; s = s->next_in_conn) {
       hub_topic_t *t = s->topic;
       expire(t, now);
-      if (unknown || lost_since(hub, t, since)) gap(c, t);
+      if (unknown || (!everything && lost_since(hub, t, NULL, 0, since))) gap(c, t);
       for (unsigned i = 0; i < t->len && rc == 0; i++) {
         hub_msg_t *msg = t->ring[(t->head + i) % t->ring_cap];
         if (msg->seq > since) rc = replay_add(&r, msg);
@@ -509,5 +517,5 @@ int hub_history(hub_t *hub, const char *name, size_t len, const char *since_id,
     }
   }
   if (!since_id) return 0;
-  return since == 0 || lost_since(hub, t, since);
+  return since == 0 || lost_since(hub, t, name, len, since);
 }

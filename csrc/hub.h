@@ -15,6 +15,8 @@ typedef struct conn conn_t;
 typedef struct hub hub_t;
 typedef struct hub_topic hub_topic_t;
 
+#define HUB_FORGOTTEN_SLOTS 4096
+
 /* Longest topic name and event name accepted. */
 #define HUB_MAX_TOPIC 1024
 #define HUB_MAX_EVENT 256
@@ -77,7 +79,10 @@ struct hub {
   uv_timer_t sweeper;   /* expires history by age, frees idle topics */
   uint32_t epoch;       /* changes whenever history is lost: each new hub */
   uint64_t seq;         /* the last message id's sequence */
-  uint64_t forgotten_seq; /* newest message of a topic whose record is gone */
+  /* Newest message of a topic whose record is gone (or never was), per slot
+   * of the name's hash: a resume on such a topic reports a gap when it may
+   * have missed one; names sharing a slot can only cause a needless gap. */
+  uint64_t forgotten[HUB_FORGOTTEN_SLOTS];
   hub_topic_t **buckets;
   unsigned nbuckets, ntopics;
   unsigned max_subscriptions; /* per conn */
@@ -106,7 +111,7 @@ void hub_member_release(conn_t *c);
 int hub_member_send(conn_t *c, hbuf_t *b);
 
 /* Starts a conn's stream: answers what it missed since last_id (NULL: no
- * resume) on every topic it joined, merged in id order with the deliveries
+ * resume; "": everything in history, no gap) on every topic it joined, merged in id order with the deliveries
  * held while it opened, then the held direct sends. gap(c, topic) is called
  * first for each topic where messages were lost. */
 typedef void (*hub_gap_fn)(conn_t *c, const hub_topic_t *topic);

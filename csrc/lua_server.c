@@ -31,7 +31,7 @@ static lua_server_t *check_server(lua_State *L) {
 
 conn_t *bind_check_conn(lua_State *L, int idx) {
   conn_handle_t *h = luaL_checkudata(L, idx, CONN_MT);
-  return h->c && !h->c->closing ? h->c : NULL;
+  return h->c && !h->c->closing && !h->c->ending ? h->c : NULL; /* ending: no more output */
 }
 #define check_conn(L) bind_check_conn(L, 1)
 
@@ -302,6 +302,13 @@ static int conn_close_l(lua_State *L) {
   return 0;
 }
 
+/* conn:finish(): flush what is queued, then close */
+static int conn_finish(lua_State *L) {
+  conn_t *c = check_conn(L);
+  if (c) conn_end(c);
+  return 0;
+}
+
 static int conn_alive(lua_State *L) {
   lua_pushboolean(L, check_conn(L) != NULL);
   return 1;
@@ -339,7 +346,7 @@ void bind_server_open(lua_State *L, int runtime_idx) {
       {"listen", server_listen_l}, {"close", server_close_l}, {"reload_tls", server_reload_tls_l},
       {"connections", server_connections}, {"__gc", server_gc}, {NULL, NULL}};
   static const luaL_Reg conn_methods[] = {
-      {"respond", conn_respond}, {"close", conn_close_l}, {"alive", conn_alive},
+      {"respond", conn_respond}, {"close", conn_close_l}, {"finish", conn_finish}, {"alive", conn_alive},
       {"awaiting", conn_awaiting}, {"peer", conn_peer}, {NULL, NULL}};
   bind_new_class(L, runtime_idx, SERVER_MT, server_methods);
   bind_new_class(L, runtime_idx, CONN_MT, conn_methods);

@@ -22,6 +22,7 @@ struct ws_conn {
    * payload): equal, wslay holds nothing and its context (4 KiB of buffer)
    * is freed until the next input, so an idle conn costs little. */
   uint64_t given, parsed;
+  uint8_t tail[14];        /* the last bytes given to wslay: at most one frame head */
   ws_options_t opt;
   /* the frame being read */
   uint64_t frame_len, frame_off;
@@ -111,6 +112,10 @@ static ssize_t wslay_recv(uint8_t *buf, size_t len, int flags, void *ud) {
   if (ws->in_len == 0) return 0; /* wslay: want read */
   if (len > ws->in_len) len = ws->in_len;
   memcpy(buf, ws->in, len);
+  /* keep the last bytes given: at a frame boundary they hold the next head */
+  size_t keep = len < sizeof ws->tail ? len : sizeof ws->tail;
+  memmove(ws->tail, ws->tail + keep, sizeof ws->tail - keep);
+  memcpy(ws->tail + sizeof ws->tail - keep, buf + len - keep, keep);
   ws->in += len;
   ws->in_len -= len;
   ws->given += len;
@@ -173,45 +178,39 @@ static void on_message(conn_t *c) {
   ws->msg.len = 0;
 }
 
-/* The first bytes of a frame: everything wslay leaves to us is checked here. */
+/* What RFC 6455 forbids in a client frame's head that wslay lets through,
+ * or NULL; *code is the close code. len is UINT64_MAX while unknown. */
+static const char *frame_problem(const ws_conn_t *ws, int masked, int rsv, int op, uint64_t len,
+                                 int *code) {
+  *code = WS_PROTOCOL_ERROR;
+  if (!masked) return "client frames must be masked";
+  if (rsv) return "reserved bits set";
+  if (op >= 8 && op != WS_CLOSE && op != WS_PING && op != WS_PONG) return "unknown opcode";
+  if (op > WS_BINARY && op < 8) return "unknown opcode";
+  if (op == 0 && !ws->msg_opcode) return "continuation without a message";
+  if ((op == WS_TEXT || op == WS_BINARY) && ws->msg_opcode)
+    return "new message inside a fragmented one";
+  size_t so_far = op == 0 ? ws->msg.len : 0;
+  if (op < 8 && len != UINT64_MAX && len > ws->opt.max_message - so_far) {
+    *code = WS_TOO_BIG;
+    return "message too big";
+  }
+  return NULL;
+}
+
+/* The first bytes of a frame, as wslay returns them with its first payload. */
 static int frame_start(conn_t *c, const struct wslay_frame_iocb *f) {
   ws_conn_t *ws = c->ws;
-  if (!f->mask) {
-    fail(c, WS_PROTOCOL_ERROR, "client frames must be masked");
+  int code, op = f->opcode;
+  const char *why = frame_problem(ws, f->mask, f->rsv, op, f->payload_length, &code);
+  if (why) {
+    fail(c, code, why);
     return -1;
   }
-  if (f->rsv) {
-    fail(c, WS_PROTOCOL_ERROR, "reserved bits set");
-    return -1;
-  }
-  int op = f->opcode;
-  if (op >= 8) {
-    if (op != WS_CLOSE && op != WS_PING && op != WS_PONG) {
-      fail(c, WS_PROTOCOL_ERROR, "unknown opcode");
-      return -1;
-    }
-  } else if (op == 0) {
-    if (!ws->msg_opcode) {
-      fail(c, WS_PROTOCOL_ERROR, "continuation without a message");
-      return -1;
-    }
-  } else if (op == WS_TEXT || op == WS_BINARY) {
-    if (ws->msg_opcode) {
-      fail(c, WS_PROTOCOL_ERROR, "new message inside a fragmented one");
-      return -1;
-    }
+  if (op == WS_TEXT || op == WS_BINARY) {
     ws->msg_opcode = (uint8_t)op;
     ws->utf8 = (utf8_state_t){0};
     ws->msg.len = 0;
-  } else {
-    {
-      fail(c, WS_PROTOCOL_ERROR, "unknown opcode");
-      return -1;
-    }
-  }
-  if (op < 8 && f->payload_length > ws->opt.max_message - ws->msg.len) {
-    fail(c, WS_TOO_BIG, "message too big");
-    return -1;
   }
   ws->parsed += 2 + (f->payload_length > 0xFFFF ? 8 : f->payload_length > 125 ? 2 : 0) + 4;
   ws->frame_opcode = (uint8_t)op;
@@ -219,6 +218,27 @@ static int frame_start(conn_t *c, const struct wslay_frame_iocb *f) {
   ws->frame_len = f->payload_length;
   ws->frame_off = 0;
   return 0;
+}
+
+/* wslay returns a frame only with payload; a head alone (a client announcing
+ * a huge message, say) is checked here from the bytes wslay holds, which at
+ * a frame boundary are at most one head: the last given - parsed bytes. */
+static void precheck_head(conn_t *c) {
+  ws_conn_t *ws = c->ws;
+  uint64_t held = ws->given - ws->parsed;
+  if (held < 2 || held > sizeof ws->tail) return;
+  const uint8_t *h = ws->tail + sizeof ws->tail - held;
+  uint64_t len = h[1] & 0x7f;
+  if (len == 126) len = held >= 4 ? (uint64_t)h[2] << 8 | h[3] : UINT64_MAX;
+  else if (len == 127 && held >= 10) {
+    len = 0;
+    for (int i = 2; i < 10; i++) len = len << 8 | h[i];
+  } else if (len == 127) {
+    len = UINT64_MAX;
+  }
+  int code;
+  const char *why = frame_problem(ws, h[1] >> 7, (h[0] >> 4) & 7, h[0] & 0xf, len, &code);
+  if (why) fail(c, code, why);
 }
 
 static void frame_data(conn_t *c, const struct wslay_frame_iocb *f) {
@@ -269,7 +289,11 @@ static void on_data(conn_t *c, const char *data, size_t len) {
   }
   ws->in = NULL;
   ws->in_len = 0;
-  if (c->closing || ws->frame_off != ws->frame_len || ws->given != ws->parsed) return;
+  if (c->closing || c->ending || ws->frame_off != ws->frame_len) return;
+  if (ws->given != ws->parsed) {
+    precheck_head(c);
+    return;
+  }
   wslay_frame_context_free(ws->frames);
   ws->frames = NULL;
   if (!ws->msg_opcode && ws->msg.cap > 1024) hstr_free(&ws->msg);
@@ -412,9 +436,10 @@ int ws_send(conn_t *c, const char *data, size_t len, int opcode, const char **er
 }
 
 int ws_close(conn_t *c, int code, const char *reason, size_t len, const char **err) {
-  if (!(code == WS_NORMAL || code == WS_GOING_AWAY ||
-        (code >= 1007 && code <= 1014 && code != 1010) || (code >= 3000 && code <= 4999))) {
-    *err = "code must be 1000, 1001, 1007-1009, 1011-1014 or 3000-4999";
+  /* what a server may send: 1010 is the client's, 1004-1006 and 1015 never go on the wire */
+  if (!((code >= WS_NORMAL && code <= 1003) || (code >= 1007 && code <= 1014 && code != 1010) ||
+        (code >= 3000 && code <= 4999))) {
+    *err = "code must be 1000-1003, 1007-1009, 1011-1014 or 3000-4999";
     return -1;
   }
   if (len > MAX_CONTROL - 2 || !utf8_valid(reason, len)) {

@@ -133,7 +133,7 @@ describe("install", function()
     end)
     for line in demo:lines() do
       output[#output + 1] = line
-      url = line:match("^herald demo: (http://%S+)$")
+      url = line:match("^herald %a+: (http://%S+)$")
       if url then break end
     end
     assert(url, "make demo printed no URL:\n" .. table.concat(output, "\n"))

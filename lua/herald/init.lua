@@ -208,7 +208,6 @@ end
 --- Runs auth for req. Returns the user (true when there is no auth), or
 -- nil after answering the refusal.
 function app_methods:_authenticate(req, res, fn)
-  fn = fn or self.auth_fn
   if not fn then return true end
   local ok, user, status, body = self:_callback(fn, req)
   if not ok then
@@ -221,8 +220,10 @@ function app_methods:_authenticate(req, res, fn)
   end
 end
 
-local function cors_origin(cors, origin)
-  if cors == true or cors == "*" then return "*" end
+-- credentials: browsers refuse "*" on a credentialed request, so the
+-- origin is echoed instead.
+local function cors_origin(cors, origin, credentials)
+  if cors == true or cors == "*" then return credentials and origin or "*" end
   if not origin then return nil end
   if type(cors) == "string" then return cors == origin and origin or nil end
   if type(cors) == "function" then return cors(origin) and origin or nil end
@@ -264,7 +265,7 @@ end
 -- refuse with false, status, body (or, for WebSocket, ws:close()).
 function app_methods:_open(kind, req, res, open, close, start)
   local conn = res.conn
-  local user = self:_authenticate(req, res)
+  local user = self:_authenticate(req, res, self.auth_fn)
   if user == nil then return end
   if user == true and not self.auth_fn then user = nil end
   local s = stream.new(kind, self, conn, req, user)
@@ -287,25 +288,41 @@ function app_methods:_open(kind, req, res, open, close, start)
   end
   if not conn:alive() then return abandon() end
   if close then s:on_close(close) end
-  local started, err = start(s)
+  local ran, started, err = self:_callback(start, s)
+  if not ran then
+    abandon()
+    if conn:awaiting() then return plain(res, 500, "internal server error\n") end
+    return
+  end
   if not started then
     self:_log(("%s %s: stream failed to start: %s"):format(req.method, req.path, err), req)
     abandon()
   end
 end
 
-function app_methods:_open_sse(req, res, open, o)
-  self:_open("sse", req, res, open, o.close, function(s)
-    local headers = {}
-    local origin = o.cors and cors_origin(o.cors, req.headers.origin)
-    if origin then
-      headers = { "Access-Control-Allow-Origin", origin }
-      if origin ~= "*" then
-        headers[3], headers[4] = "Vary", "Origin"
-        if o.credentials then headers[5], headers[6] = "Access-Control-Allow-Credentials", "true" end
-      end
+local function sse_headers(req, o)
+  local headers = {}
+  local origin = o.cors and cors_origin(o.cors, req.headers.origin, o.credentials)
+  if origin then
+    headers = { "Access-Control-Allow-Origin", origin }
+    if origin ~= "*" then
+      headers[3], headers[4] = "Vary", "Origin"
+      if o.credentials then headers[5], headers[6] = "Access-Control-Allow-Credentials", "true" end
     end
-    local last_id = req.headers["last-event-id"] or req.query.last_event_id
+  end
+  return headers
+end
+
+function app_methods:_open_sse(req, res, open, o)
+  local headers = sse_headers(req, o) -- an error here is the route's: 500, nothing opened
+  if req.method == "HEAD" then -- the head a GET would get, and no stream
+    for i = 1, #headers, 2 do res:header(headers[i], headers[i + 1]) end
+    res:header("Content-Type", "text/event-stream; charset=utf-8")
+    res:header("Cache-Control", "no-cache")
+    return res:send()
+  end
+  self:_open("sse", req, res, open, o.close, function(s)
+    local last_id = req.headers["last-event-id"] or req.query.last_event_id or s.replay_from
     return s.conn:sse_start(headers, math.floor(o.heartbeat * 1000 + 0.5), o.retry, last_id)
   end)
 end
@@ -367,7 +384,7 @@ function app_methods:_open_ws(req, res, o)
       s.protocol = protocol
     end
     return s.conn:ws_start(answer, o.max_message, math.floor(o.ping_interval * 1000 + 0.5),
-      o.format == "envelope", req.query.last_event_id)
+      o.format == "envelope", req.query.last_event_id or s.replay_from)
   end)
 end
 

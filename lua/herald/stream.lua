@@ -35,6 +35,15 @@ function stream_methods:subscribe(topic)
   return true
 end
 
+--- In open: unless the client resumes (Last-Event-ID, ?last_event_id=),
+-- start from since_id, or from all that the topics' histories hold when
+-- nil. The replay comes before live messages, merged in id order, once each.
+function stream_methods:replay(since_id)
+  if since_id ~= nil and type(since_id) ~= "string" then error("replay: since_id must be a string", 2) end
+  if not self.opening then error("replay: only inside open", 2) end
+  self.replay_from = since_id or ""
+end
+
 --- Leaves a topic; true if the stream was in it.
 function stream_methods:unsubscribe(topic)
   check_topic(topic, "unsubscribe")
@@ -61,8 +70,8 @@ function sse_methods:send(data, opts)
   if type(data) ~= "string" then error("send: data must be a string", 2) end
   if opts ~= nil and type(opts) ~= "table" then error("send: opts must be a table", 2) end
   opts = opts or {}
-  if opts.retry ~= nil and math.type(opts.retry) ~= "integer" then
-    error("send: opts.retry must be an integer (ms)", 2)
+  if opts.retry ~= nil and (math.type(opts.retry) ~= "integer" or opts.retry < 0) then
+    error("send: opts.retry must be an integer >= 0 (ms)", 2)
   end
   return self.conn:sse_send(data, opts.event, opts.id, opts.retry)
 end
@@ -73,9 +82,10 @@ function sse_methods:comment(text)
   return self.conn:sse_comment(text)
 end
 
---- Closes the stream; the client reconnects unless told otherwise.
+--- Closes the stream once what was sent before has gone out; the client
+-- reconnects unless told otherwise.
 function sse_methods:close()
-  self.conn:close()
+  self.conn:finish()
 end
 
 --- A message for this client alone: kind "text" (default) or "binary".
