@@ -70,8 +70,17 @@ test: deps build asan lint
 lint:
 	luacheck --quiet lua spec examples
 
-demo: deps build
-	scripts/demo
+# make demo TLS=1: the same over https/wss, with a self-signed certificate
+# made here (build/demo-tls/); browsers will ask you to accept it.
+DEMO_TLS := $(BUILD)/demo-tls
+demo: deps build $(if $(TLS),$(DEMO_TLS)/cert.pem)
+	$(if $(TLS),TLS_CERT=$(DEMO_TLS)/cert.pem TLS_KEY=$(DEMO_TLS)/key.pem) scripts/demo
+
+$(DEMO_TLS)/cert.pem:
+	@mkdir -p $(DEMO_TLS)
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+	  -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1" \
+	  -keyout $(DEMO_TLS)/key.pem -out $(DEMO_TLS)/cert.pem 2>/dev/null
 
 rock: deps
 	luarocks --lua-version=5.4 make rockspecs/herald-scm-1.rockspec

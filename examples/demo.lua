@@ -7,6 +7,9 @@
 --
 --   herald ticker: http://127.0.0.1:8080/
 --   herald chat: http://127.0.0.1:8081/
+--
+-- With TLS_CERT and TLS_KEY (PEM files; `make demo TLS=1` makes a
+-- self-signed pair) both are served over https and wss instead.
 local herald = require "herald"
 
 local here = (debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$")) or "."
@@ -23,9 +26,11 @@ local apps = {
   { "ticker", ticker.new(), port },
   { "chat", chat.new(), chat_port },
 }
+local cert, key = os.getenv("TLS_CERT"), os.getenv("TLS_KEY")
+local tls = cert and key and { cert = cert, key = key } or nil
 for _, a in ipairs(apps) do
-  local bound = assert(a[2]:listen { host = host, port = a[3] })
-  print(("herald %s: http://%s:%d/"):format(a[1], shown, bound))
+  local bound = assert(a[2]:listen { host = host, port = a[3], tls = tls })
+  print(("herald %s: %s://%s:%d/"):format(a[1], tls and "https" or "http", shown, bound))
 end
 io.stdout:flush()
 herald.run()
