@@ -118,46 +118,58 @@ describe("install", function()
     assert.is_true(exited == true, "the installed server did not exit cleanly")
   end)
 
-  it("make demo serves the demo page at the URL it prints", function()
-    local port = free_port()
-    -- A session of its own, so that its process group is the demo's whole
-    -- tree (make, the script, lua5.4); a watchdog in it ends everything
-    -- after 60 s should the spec not get to it.
-    local demo = assert(io.popen(("exec setsid sh -c %s 2>&1"):format(quote(
-      "echo $$; (sleep 60; kill -TERM -$$) >/dev/null 2>&1 & PORT=" .. port .. " exec make demo"))))
-    local pgid = assert(tonumber(demo:read("l")), "no process group id")
-    local output, url, closed = {}, nil, false
-    finally(function()
-      if group_running(pgid) then os.execute(("kill -KILL -%d 2>/dev/null"):format(pgid)) end
-      if not closed then demo:close() end
+  for _, tls in ipairs { false, true } do
+    local how = tls and "make demo TLS=1" or "make demo"
+    it(how .. " serves the demo page at the URL it prints", function()
+      local port = free_port()
+      -- A session of its own, so that its process group is the demo's whole
+      -- tree (make, the script, lua5.4); a watchdog in it ends everything
+      -- after 60 s should the spec not get to it.
+      local demo = assert(io.popen(("exec setsid sh -c %s 2>&1"):format(quote(
+        "echo $$; (sleep 60; kill -TERM -$$) >/dev/null 2>&1 & PORT=" .. port .. " exec " .. how))))
+      local pgid = assert(tonumber(demo:read("l")), "no process group id")
+      local output, url, closed = {}, nil, false
+      finally(function()
+        if group_running(pgid) then os.execute(("kill -KILL -%d 2>/dev/null"):format(pgid)) end
+        if not closed then demo:close() end
+      end)
+      for line in demo:lines() do
+        output[#output + 1] = line
+        url = line:match("^herald %a+: (https?://%S+)$")
+        if url then break end
+      end
+      assert(url, how .. " printed no URL:\n" .. table.concat(output, "\n"))
+      local scheme, host, url_port, path = url:match("^(https?)://([^/:]+):(%d+)(/.*)$")
+      assert.equal(tls and "https" or "http", scheme)
+      assert.equal(port, tonumber(url_port))
+
+      local res
+      if tls then -- over TLS: curl, accepting the self-signed certificate
+        local curl = assert(io.popen(("timeout 10 curl -sk -D - %s"):format(quote(url))))
+        res = t.parse_response(curl:read("a"), nil, true)
+        curl:close()
+      else
+        local c = t.connect(port, host)
+        c:send(t.encode_request("GET", path))
+        res = c:response()
+        c:close()
+      end
+      assert(res, "no response from the demo")
+      assert.equal(200, res.status)
+      assert.matches("^text/html", res.headers["content-type"])
+      assert.matches("^<!doctype html>", res.body:lower())
+      assert.matches("</html>%s*$", res.body)
+
+      -- stop it: SIGTERM to the group, then nothing of it may be left
+      assert(os.execute(("kill -TERM -%d"):format(pgid)))
+      local deadline = core.now() + 5000
+      while group_running(pgid) and core.now() < deadline do t.sleep(50) end
+      assert.is_false(group_running(pgid), "the demo's processes outlived SIGTERM by 5 s")
+      demo:close() -- reaps make, the group's leader; orphans (the watchdog) go to init
+      closed = true
+      deadline = core.now() + 5000
+      while group_exists(pgid) and core.now() < deadline do t.sleep(50) end
+      assert.is_false(group_exists(pgid), "a process of the demo is left")
     end)
-    for line in demo:lines() do
-      output[#output + 1] = line
-      url = line:match("^herald %a+: (http://%S+)$")
-      if url then break end
-    end
-    assert(url, "make demo printed no URL:\n" .. table.concat(output, "\n"))
-    local host, url_port, path = url:match("^http://([^/:]+):(%d+)(/.*)$")
-    assert.equal(port, tonumber(url_port))
-
-    local c = t.connect(port, host)
-    c:send(t.encode_request("GET", path))
-    local res = assert(c:response(), "no response from the demo")
-    c:close()
-    assert.equal(200, res.status)
-    assert.matches("^text/html", res.headers["content-type"])
-    assert.matches("^<!doctype html>", res.body:lower())
-    assert.matches("</html>%s*$", res.body)
-
-    -- stop it: SIGTERM to the group, then nothing of it may be left
-    assert(os.execute(("kill -TERM -%d"):format(pgid)))
-    local deadline = core.now() + 5000
-    while group_running(pgid) and core.now() < deadline do t.sleep(50) end
-    assert.is_false(group_running(pgid), "the demo's processes outlived SIGTERM by 5 s")
-    demo:close() -- reaps make, the group's leader; orphans (the watchdog) go to init
-    closed = true
-    deadline = core.now() + 5000
-    while group_exists(pgid) and core.now() < deadline do t.sleep(50) end
-    assert.is_false(group_exists(pgid), "a process of the demo is left")
-  end)
+  end
 end)
