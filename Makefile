@@ -23,7 +23,7 @@ ASAN_CFLAGS := $(BASE_CFLAGS) -O1 -g -fno-omit-frame-pointer -fsanitize=address,
 # llhttp is generated code: built with its own flags, never -Werror.
 LLHTTP_CFLAGS := -std=c11 -fPIC -fvisibility=hidden -O2 -I$(LLHTTP_H)
 
-.PHONY: all deps build asan release install test demo lint rock clean
+.PHONY: all deps build asan release install test demo lint rock clean loadgen
 
 all: build
 
@@ -62,6 +62,13 @@ $(BUILD)/asan/herald/core.so: $(SRCS) $(HDRS) $(LLHTTP_SRCS:$(LLHTTP)/%.c=$(BUIL
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_CFLAGS) -shared -o $@ $(SRCS) $(filter %.o,$^) $(LIBS)
 
+# The benchmarks' load generator (bench/loadgen.c): libuv and libc only.
+loadgen: $(BUILD)/bench/loadgen
+
+$(BUILD)/bench/loadgen: bench/loadgen.c
+	@mkdir -p $(dir $@)
+	$(CC) -O2 -std=c11 -D_DEFAULT_SOURCE -Wall -Wextra -Werror -o $@ $< $(UV_LIBS) -lm
+
 # Every spec, against the dev build and then under ASan+UBSan; the last line
 # of output is "N passed, N failed" over both runs.
 test: deps build asan lint
@@ -87,3 +94,12 @@ rock: deps
 
 clean:
 	rm -rf $(BUILD)
+
+# make bench: herald and nginx+nchan side by side, every scenario, then
+# bench/RESULTS.md and its chart; make bench QUICK=1: small N, to prove it
+# works (results in build/bench/, the committed ones stay).
+.PHONY: bench
+bench: deps release loadgen
+	@scripts/bench-deps
+	BENCH_BUILD=0 BENCH_COMMAND="make bench$(if $(QUICK), QUICK=$(QUICK))" QUICK=$(QUICK) bench/run; \
+	  status=$$?; QUICK=$(QUICK) bench/report && exit $$status
