@@ -5,6 +5,7 @@
 
 #include "server.h"
 #include "tls.h"
+#include "ws.h"
 
 /* After FIN, how long a closing conn keeps reading so that the peer's last
  * bytes in flight do not turn our close into a reset that loses the answer. */
@@ -25,8 +26,9 @@ static void free_conn(conn_t *c) {
   for (unsigned i = c->out_head; i < c->out_len; i++) hbuf_unref(c->outq[i].buf);
   free(c->outq);
   server_remove_conn(c->server, c);
-  free(c->ws);
+  ws_conn_free(c);
   tls_conn_free(c);
+  http_conn_free(c);
   free(c);
 }
 
@@ -173,6 +175,7 @@ int conn_send_bytes(conn_t *c, const void *bytes, size_t len) {
 static void on_shutdown(uv_shutdown_t *req, int status) {
   (void)status;
   conn_t *c = req->data;
+  free(req);
   if (!c->closing) conn_set_timer(c, LINGER_MS);
 }
 
@@ -181,9 +184,17 @@ static void on_shutdown(uv_shutdown_t *req, int status) {
 static void on_queue_empty(conn_t *c) {
   if (c->ending && !c->shut) {
     c->shut = 1;
-    c->shutdown_req.data = c;
+    uv_shutdown_t *req = malloc(sizeof *req); /* rare: not worth a field in every conn */
+    if (!req) {
+      conn_close(c);
+      return;
+    }
+    req->data = c;
     conn_resume_reading(c); /* to see the peer's EOF during the linger */
-    if (uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, on_shutdown) != 0) conn_close(c);
+    if (uv_shutdown(req, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
+      free(req);
+      conn_close(c);
+    }
   }
 }
 
@@ -215,6 +226,7 @@ static void on_write(uv_write_t *req, int status) {
 }
 
 static void flush(conn_t *c) {
+  if (c->http_done) http_conn_free(c);
   if (c->closing || c->writing) return;
   if (c->tls && tls_encrypt(c) != 0) {
     conn_close(c);
