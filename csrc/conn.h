@@ -50,6 +50,7 @@ struct conn {
   conn_t *prev_dirty, *next_dirty; /* the runtime's list of conns to flush */
   out_item_t *outq;
   unsigned out_head, out_len, out_cap, out_inflight;
+  size_t out_off;          /* bytes of the head chunk already written */
   unsigned out_cipher;     /* TLS: the first out_cipher queued chunks are ciphertext, the rest plaintext */
   size_t queued_bytes;     /* bytes queued and not yet written */
   unsigned handles_open;   /* tcp and timer: freed when both are closed */
