@@ -233,6 +233,7 @@ static void written(conn_t *c) {
 
 static void on_write(uv_write_t *req, int status) {
   conn_t *c = req->data;
+  free(req);
   consume(c, SIZE_MAX, c->out_inflight);
   c->out_inflight = 0;
   c->writing = 0;
@@ -288,8 +289,14 @@ static void flush(conn_t *c) {
   bufs[done].base += left;
   bufs[done].len -= (unsigned)left;
   consume(c, (size_t)r, n);
-  c->write_req.data = c;
-  if (uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs + done, n - done, on_write) != 0) {
+  uv_write_t *req = malloc(sizeof *req); /* only a slow peer needs one */
+  if (!req) {
+    conn_close(c);
+    return;
+  }
+  req->data = c;
+  if (uv_write(req, (uv_stream_t *)&c->tcp, bufs + done, n - done, on_write) != 0) {
+    free(req);
     conn_close(c);
     return;
   }

@@ -42,7 +42,6 @@ typedef struct tls_conn tls_conn_t;
 struct conn {
   uv_tcp_t tcp;
   uv_timer_t timer;
-  uv_write_t write_req;
   runtime_t *rt;
   server_t *server;
   const conn_proto_t *proto;
