@@ -5,6 +5,7 @@
 
 #include "server.h"
 #include "tls.h"
+#include "ws.h"
 
 /* After FIN, how long a closing conn keeps reading so that the peer's last
  * bytes in flight do not turn our close into a reset that loses the answer. */
@@ -25,8 +26,9 @@ static void free_conn(conn_t *c) {
   for (unsigned i = c->out_head; i < c->out_len; i++) hbuf_unref(c->outq[i].buf);
   free(c->outq);
   server_remove_conn(c->server, c);
-  free(c->ws);
+  ws_conn_free(c);
   tls_conn_free(c);
+  http_conn_free(c);
   free(c);
 }
 
@@ -173,6 +175,7 @@ int conn_send_bytes(conn_t *c, const void *bytes, size_t len) {
 static void on_shutdown(uv_shutdown_t *req, int status) {
   (void)status;
   conn_t *c = req->data;
+  free(req);
   if (!c->closing) conn_set_timer(c, LINGER_MS);
 }
 
@@ -181,30 +184,44 @@ static void on_shutdown(uv_shutdown_t *req, int status) {
 static void on_queue_empty(conn_t *c) {
   if (c->ending && !c->shut) {
     c->shut = 1;
-    c->shutdown_req.data = c;
+    uv_shutdown_t *req = malloc(sizeof *req); /* rare: not worth a field in every conn */
+    if (!req) {
+      conn_close(c);
+      return;
+    }
+    req->data = c;
     conn_resume_reading(c); /* to see the peer's EOF during the linger */
-    if (uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, on_shutdown) != 0) conn_close(c);
+    if (uv_shutdown(req, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
+      free(req);
+      conn_close(c);
+    }
   }
 }
 
-static void on_write(uv_write_t *req, int status) {
-  conn_t *c = req->data;
-  for (unsigned i = 0; i < c->out_inflight; i++) {
-    out_item_t *it = &c->outq[c->out_head + i];
-    c->queued_bytes -= it->buf->len;
-    hbuf_unref(it->buf);
+/* Drops what the kernel took: whole chunks from the head of the queue, and
+ * a part of the next one (out_off). limit: chunks that may go. */
+static void consume(conn_t *c, size_t bytes, unsigned limit) {
+  while (limit > 0) {
+    hbuf_t *b = c->outq[c->out_head].buf;
+    size_t left = b->len - c->out_off;
+    if (bytes < left) {
+      c->out_off += bytes;
+      c->queued_bytes -= bytes;
+      return;
+    }
+    bytes -= left;
+    c->queued_bytes -= left;
+    hbuf_unref(b);
+    c->out_head++;
+    c->out_off = 0;
+    if (c->tls) c->out_cipher--;
+    limit--;
   }
-  c->out_head += c->out_inflight;
-  if (c->tls) c->out_cipher -= c->out_inflight;
-  c->out_inflight = 0;
-  c->writing = 0;
-  c->backed_up = 0;
+}
+
+/* A write finished: what next. */
+static void written(conn_t *c) {
   if (c->out_head == c->out_len) c->out_head = c->out_len = 0;
-  if (c->closing) return;
-  if (status < 0) {
-    conn_close(c);
-    return;
-  }
   if (c->out_len > c->out_head) {
     conn_mark_dirty(c);
   } else {
@@ -214,7 +231,26 @@ static void on_write(uv_write_t *req, int status) {
     c->proto->on_writable(c);
 }
 
+static void on_write(uv_write_t *req, int status) {
+  conn_t *c = req->data;
+  free(req);
+  consume(c, SIZE_MAX, c->out_inflight);
+  c->out_inflight = 0;
+  c->writing = 0;
+  c->backed_up = 0;
+  if (c->closing) return;
+  if (status < 0) {
+    conn_close(c);
+    return;
+  }
+  written(c);
+}
+
+/* Writes the queue: first straight away (uv_try_write: no request, no
+ * callback, no epoll change when the kernel takes it all, the usual case),
+ * and what the kernel refuses through uv_write, which waits for room. */
 static void flush(conn_t *c) {
+  if (c->http_done) http_conn_free(c);
   if (c->closing || c->writing) return;
   if (c->tls && tls_encrypt(c) != 0) {
     conn_close(c);
@@ -228,18 +264,45 @@ static void flush(conn_t *c) {
   }
   if (n > MAX_WRITE_BATCH) n = MAX_WRITE_BATCH;
   uv_buf_t bufs[MAX_WRITE_BATCH];
+  size_t total = 0;
   for (unsigned i = 0; i < n; i++) {
     hbuf_t *b = c->outq[c->out_head + i].buf;
-    bufs[i] = uv_buf_init(b->data, (unsigned)b->len);
+    size_t off = i == 0 ? c->out_off : 0;
+    bufs[i] = uv_buf_init(b->data + off, (unsigned)(b->len - off));
+    total += b->len - off;
   }
-  c->write_req.data = c;
-  if (uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs, n, on_write) != 0) {
+  int r = uv_try_write((uv_stream_t *)&c->tcp, bufs, n);
+  if (r == UV_EAGAIN) r = 0;
+  if (r < 0) {
+    conn_close(c);
+    return;
+  }
+  if ((size_t)r == total) {
+    consume(c, total, n);
+    written(c);
+    return;
+  }
+  /* The kernel's buffer is full: the peer reads slowly. Wait for room. */
+  unsigned done = 0;
+  size_t left = (size_t)r;
+  while (left >= bufs[done].len) left -= bufs[done++].len; /* r < total: stops inside */
+  bufs[done].base += left;
+  bufs[done].len -= (unsigned)left;
+  consume(c, (size_t)r, n);
+  uv_write_t *req = malloc(sizeof *req); /* only a slow peer needs one */
+  if (!req) {
+    conn_close(c);
+    return;
+  }
+  req->data = c;
+  if (uv_write(req, (uv_stream_t *)&c->tcp, bufs + done, n - done, on_write) != 0) {
+    free(req);
     conn_close(c);
     return;
   }
   c->writing = 1;
-  c->out_inflight = n;
-  c->backed_up = c->tcp.write_queue_size > 0;
+  c->out_inflight = n - done;
+  c->backed_up = 1;
 }
 
 void conn_flush_all(runtime_t *rt) {

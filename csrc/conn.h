@@ -42,8 +42,6 @@ typedef struct tls_conn tls_conn_t;
 struct conn {
   uv_tcp_t tcp;
   uv_timer_t timer;
-  uv_write_t write_req;
-  uv_shutdown_t shutdown_req;
   runtime_t *rt;
   server_t *server;
   const conn_proto_t *proto;
@@ -51,16 +49,18 @@ struct conn {
   conn_t *prev_dirty, *next_dirty; /* the runtime's list of conns to flush */
   out_item_t *outq;
   unsigned out_head, out_len, out_cap, out_inflight;
+  size_t out_off;          /* bytes of the head chunk already written */
   unsigned out_cipher;     /* TLS: the first out_cipher queued chunks are ciphertext, the rest plaintext */
   size_t queued_bytes;     /* bytes queued and not yet written */
   unsigned handles_open;   /* tcp and timer: freed when both are closed */
   unsigned dirty : 1, writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1,
       notify_close : 1,    /* tell Lua when it goes: it held a stream */
-      backed_up : 1;       /* the kernel refused part of the last write: the peer reads slowly */
+      backed_up : 1,       /* the kernel refused part of the last write: the peer reads slowly */
+      http_done : 1;       /* another protocol took over from HTTP */
   uint32_t heartbeat_ms;   /* SSE: comment interval */
   int lua_ref;             /* registry ref of the Lua handle, if one was made */
   void *lua_handle;        /* that handle's userdata, cleared on close */
-  http_conn_t http;
+  http_conn_t *http;       /* the HTTP parser's state; freed once another protocol took over */
   hub_member_t member;
   ws_conn_t *ws;           /* WebSocket state after a 101; freed with the conn */
   tls_conn_t *tls;         /* NULL on a plain listener */

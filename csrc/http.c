@@ -15,7 +15,7 @@
 
 static const conn_proto_t http_proto;
 
-#define HTTP(p) (&((conn_t *)(p)->data)->http)
+#define HTTP(p) (((conn_t *)(p)->data)->http)
 #define CONN(p) ((conn_t *)(p)->data)
 
 const char *http_reason(int status) {
@@ -87,14 +87,14 @@ static size_t head_nuls(const http_conn_t *h, enum span kind) {
  * being read or when the target alone fills the limit (nothing after it
  * could fit), 431 otherwise. */
 static int too_large_status(const conn_t *c) {
-  const http_conn_t *h = &c->http;
+  const http_conn_t *h = c->http;
   int in_target = h->head.len == h->url_len; /* its NUL is not there yet */
   return in_target || h->url_len >= c->server->limits.max_header_size ? 414 : 431;
 }
 
 static int append_head(llhttp_t *p, const char *at, size_t len, enum span kind) {
   conn_t *c = CONN(p);
-  http_conn_t *h = &c->http;
+  http_conn_t *h = c->http;
   if (h->head.len - head_nuls(h, kind) + len > c->server->limits.max_header_size)
     return fail_in_callback(p, too_large_status(c));
   size_t start = h->head.len;
@@ -126,8 +126,8 @@ static void reset_request(http_conn_t *h) {
 
 static int on_message_begin(llhttp_t *p) {
   conn_t *c = CONN(p);
-  reset_request(&c->http);
-  c->http.in_message = 1;
+  reset_request(c->http);
+  c->http->in_message = 1;
   conn_set_timer(c, c->server->limits.header_timeout_ms);
   /* A pause here tells execute() where this message starts in its input, so
    * that only this head's bytes count against the limit. */
@@ -190,7 +190,7 @@ static const char *find_header(const http_conn_t *h, const char *name) {
 
 static int on_headers_complete(llhttp_t *p) {
   conn_t *c = CONN(p);
-  http_conn_t *h = &c->http;
+  http_conn_t *h = c->http;
   h->headers_done = 1;
   /* A value cut off before its field ended leaves an odd count: never here,
    * llhttp calls value_complete even for an empty value. */
@@ -211,7 +211,7 @@ static int on_headers_complete(llhttp_t *p) {
 
 static int on_body(llhttp_t *p, const char *at, size_t len) {
   conn_t *c = CONN(p);
-  http_conn_t *h = &c->http;
+  http_conn_t *h = c->http;
   if (h->body.len + len > c->server->limits.max_body_size) return fail_in_callback(p, 413);
   if (hstr_append(&h->body, at, len) != 0) return fail_in_callback(p, 503);
   conn_set_timer(c, c->server->limits.header_timeout_ms); /* a body may take long, not stall long */
@@ -219,12 +219,12 @@ static int on_body(llhttp_t *p, const char *at, size_t len) {
 }
 
 int http_awaiting_response(const conn_t *c) {
-  return c->http.responses < c->http.requests && !c->closing;
+  return c->http && !c->http_done && c->http->responses < c->http->requests && !c->closing;
 }
 
 static int on_message_complete(llhttp_t *p) {
   conn_t *c = CONN(p);
-  http_conn_t *h = &c->http;
+  http_conn_t *h = c->http;
   conn_stop_timer(c);
   h->in_message = 0;
   h->keep_alive = llhttp_should_keep_alive(p) ? 1 : 0;
@@ -284,7 +284,7 @@ static void append_str(hstr_t *s, const char *text) {
  * SIZE_MAX) has no length: the body runs until the conn closes. */
 static int build_and_send(conn_t *c, int status, const http_header_t *headers, size_t nheaders,
                           const char *body, size_t body_len, int close) {
-  http_conn_t *h = &c->http;
+  http_conn_t *h = c->http;
   hstr_t out = {0};
   char line[128];
   snprintf(line, sizeof line, "HTTP/1.1 %d %s\r\nDate: %s\r\n", status, http_reason(status),
@@ -370,8 +370,9 @@ int http_takeover(conn_t *c, int status, const http_header_t *headers, size_t nh
     *err = "out of memory";
     return -1;
   }
-  c->http.responses++;
-  release_buffers(&c->http);
+  c->http->responses++;
+  release_buffers(c->http);
+  c->http_done = 1; /* the parser state goes at the next flush, off this call stack */
   conn_stop_timer(c);
   c->proto = proto;
   conn_resume_reading(c); /* to see the peer go */
@@ -382,7 +383,7 @@ int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nhe
                  const char *body, size_t body_len, const char **err) {
   const char *dummy;
   if (!err) err = &dummy;
-  http_conn_t *h = &c->http;
+  http_conn_t *h = c->http;
   int close = !h->keep_alive || c->server->draining || c->rt->draining;
   http_header_t kept[nheaders ? nheaders : 1];
   long nkept = check_response(c, status, headers, nheaders, kept, &close, err);
@@ -398,7 +399,7 @@ int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nhe
 }
 
 void http_fail(conn_t *c, int status, const char *text) {
-  http_conn_t *h = &c->http;
+  http_conn_t *h = c->http;
   if (c->closing || c->ending) return;
   h->head_request = 0;
   h->responses = h->requests;
@@ -410,7 +411,7 @@ void http_fail(conn_t *c, int status, const char *text) {
 /* Feeds bytes to the parser, and handles a pause (backpressure, or a
  * response that closes the conn) by keeping the rest for later. */
 static void execute(conn_t *c, const char *data, size_t len) {
-  http_conn_t *h = &c->http;
+  http_conn_t *h = c->http;
   llhttp_t *p = &h->parser;
   for (;;) {
     llhttp_errno_t err = llhttp_execute(p, data, len);
@@ -487,7 +488,7 @@ static void on_data(conn_t *c, const char *data, size_t len) {
 
 /* Parses the input kept while reading was paused, then reads again. */
 static void resume_input(conn_t *c) {
-  http_conn_t *h = &c->http;
+  http_conn_t *h = c->http;
   char *rest = h->pending;
   size_t rest_len = h->pending_len;
   h->pending = NULL;
@@ -501,7 +502,7 @@ static void resume_input(conn_t *c) {
 
 /* Called after each write that leaves the out queue below the resume mark. */
 static void on_writable(conn_t *c) {
-  http_conn_t *h = &c->http;
+  http_conn_t *h = c->http;
   if (c->ending) return;
   if (!c->reading) {
     resume_input(c);
@@ -514,9 +515,9 @@ static void on_writable(conn_t *c) {
 
 static void on_eof(conn_t *c) {
   /* Answers to requests already read still go out; a half-sent request is dropped. */
-  if (c->queued_bytes > 0 || c->http.pending) {
-    free(c->http.pending);
-    c->http.pending = NULL;
+  if (c->queued_bytes > 0 || c->http->pending) {
+    free(c->http->pending);
+    c->http->pending = NULL;
     conn_end(c);
   } else {
     conn_close(c);
@@ -524,15 +525,15 @@ static void on_eof(conn_t *c) {
 }
 
 static void on_timeout(conn_t *c) {
-  if (c->http.in_message || c->http.requests == 0)
+  if (c->http->in_message || c->http->requests == 0)
     http_fail(c, 408, "request timed out\n");
   else
     conn_close(c); /* an idle keep-alive conn: nothing to say */
 }
 
 static void on_drain(conn_t *c) {
-  if (c->http.in_message)
-    c->http.close_after = 1; /* answer the request being read, then close */
+  if (c->http->in_message)
+    c->http->close_after = 1; /* answer the request being read, then close */
   else if (c->queued_bytes > 0)
     conn_end(c);
   else
@@ -540,7 +541,14 @@ static void on_drain(conn_t *c) {
 }
 
 static void on_close(conn_t *c) {
-  release_buffers(&c->http);
+  release_buffers(c->http);
+}
+
+void http_conn_free(conn_t *c) {
+  if (!c->http) return;
+  release_buffers(c->http);
+  free(c->http);
+  c->http = NULL;
 }
 
 static const conn_proto_t http_proto = {
@@ -553,9 +561,12 @@ static const conn_proto_t http_proto = {
     .on_close = on_close,
 };
 
-void http_conn_start(conn_t *c) {
+int http_conn_start(conn_t *c) {
+  c->http = calloc(1, sizeof *c->http);
+  if (!c->http) return -1;
   c->proto = &http_proto;
-  llhttp_init(&c->http.parser, HTTP_REQUEST, &settings);
-  c->http.parser.data = c;
+  llhttp_init(&c->http->parser, HTTP_REQUEST, &settings);
+  c->http->parser.data = c;
   conn_set_timer(c, c->server->limits.header_timeout_ms);
+  return 0;
 }

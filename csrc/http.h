@@ -47,7 +47,10 @@ typedef struct http_header {
   size_t name_len, value_len;
 } http_header_t;
 
-void http_conn_start(conn_t *c);
+/* Puts HTTP on a new conn; -1 on ENOMEM. */
+int http_conn_start(conn_t *c);
+/* Frees the parser state: after a takeover (at the next flush) and with the conn. */
+void http_conn_free(conn_t *c);
 
 /* Answers the oldest unanswered request. Returns 0, or -1 with *err set. */
 int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nheaders,

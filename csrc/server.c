@@ -57,7 +57,10 @@ static void on_connection(uv_stream_t *stream, int status) {
   }
   conn_t *c = conn_accept(s, stream);
   if (!c) return;
-  http_conn_start(c);
+  if (http_conn_start(c) != 0) {
+    conn_close(c);
+    return;
+  }
   if (l->tls && tls_conn_start(c, l->tls) != 0) {
     conn_close(c);
     return;

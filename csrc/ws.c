@@ -22,7 +22,7 @@ struct ws_conn {
    * payload): equal, wslay holds nothing and its context (4 KiB of buffer)
    * is freed until the next input, so an idle conn costs little. */
   uint64_t given, parsed;
-  uint8_t tail[14];        /* the last bytes given to wslay: at most one frame head */
+  uint8_t tail[14]; /* the last bytes given to wslay: at most one frame head */
   ws_options_t opt;
   /* the frame being read */
   uint64_t frame_len, frame_off;
@@ -31,12 +31,12 @@ struct ws_conn {
   uint8_t msg_opcode;
   hstr_t msg;
   utf8_state_t utf8;
-  uint8_t control[MAX_CONTROL];
+  uint8_t *control; /* a control frame's payload while it is read */
   /* keepalive and close */
   unsigned heard : 1, ping_due : 1, close_sent : 1, close_received : 1;
   uint16_t close_code; /* the peer's, or ours if it sent none */
   uint8_t reason_len;
-  char reason[MAX_CONTROL];
+  char *reason; /* the close reason, once there is one */
 };
 
 int ws_accept_key(const char *key, size_t len, char out[29]) {
@@ -84,13 +84,19 @@ static int send_frame(conn_t *c, int opcode, const void *a, size_t alen, const v
   return rc;
 }
 
+static void keep_reason(ws_conn_t *ws, const void *reason, size_t len) {
+  free(ws->reason);
+  ws->reason = len ? malloc(len) : NULL;
+  ws->reason_len = ws->reason ? (uint8_t)len : 0;
+  if (ws->reason) memcpy(ws->reason, reason, len);
+}
+
 static int send_close(conn_t *c, int code, const char *reason, size_t len) {
   ws_conn_t *ws = c->ws;
   ws->close_sent = 1;
   if (!ws->close_received) {
     ws->close_code = (uint16_t)code;
-    ws->reason_len = (uint8_t)len;
-    memcpy(ws->reason, reason, len);
+    keep_reason(ws, reason, len);
   }
   if (code == WS_NO_STATUS) return send_frame(c, WS_CLOSE, NULL, 0, NULL, 0);
   uint8_t status[2] = {(uint8_t)(code >> 8), (uint8_t)code};
@@ -149,8 +155,7 @@ static void on_close_frame(conn_t *c, const uint8_t *p, size_t len) {
   }
   ws->close_received = 1;
   ws->close_code = (uint16_t)code;
-  ws->reason_len = (uint8_t)(len > 2 ? len - 2 : 0);
-  memcpy(ws->reason, p + 2, ws->reason_len);
+  keep_reason(ws, p + 2, len > 2 ? len - 2 : 0);
   /* Echo the code, unless we closed first: then this is the answer. */
   if (!ws->close_sent) send_close(c, (int)code, "", 0);
   conn_end(c);
@@ -212,6 +217,10 @@ static int frame_start(conn_t *c, const struct wslay_frame_iocb *f) {
     ws->utf8 = (utf8_state_t){0};
     ws->msg.len = 0;
   }
+  if (op >= 8 && f->payload_length && !ws->control && !(ws->control = malloc(MAX_CONTROL))) {
+    conn_close(c);
+    return -1;
+  }
   ws->parsed += 2 + (f->payload_length > 0xFFFF ? 8 : f->payload_length > 125 ? 2 : 0) + 4;
   ws->frame_opcode = (uint8_t)op;
   ws->frame_fin = f->fin;
@@ -229,7 +238,8 @@ static void precheck_head(conn_t *c) {
   if (held < 2 || held > sizeof ws->tail) return;
   const uint8_t *h = ws->tail + sizeof ws->tail - held;
   uint64_t len = h[1] & 0x7f;
-  if (len == 126) len = held >= 4 ? (uint64_t)h[2] << 8 | h[3] : UINT64_MAX;
+  if (len == 126)
+    len = held >= 4 ? (uint64_t)h[2] << 8 | h[3] : UINT64_MAX;
   else if (len == 127 && held >= 10) {
     len = 0;
     for (int i = 2; i < 10; i++) len = len << 8 | h[i];
@@ -244,7 +254,7 @@ static void precheck_head(conn_t *c) {
 static void frame_data(conn_t *c, const struct wslay_frame_iocb *f) {
   ws_conn_t *ws = c->ws;
   if (ws->frame_opcode >= 8) {
-    memcpy(ws->control + ws->frame_off, f->data, f->data_length);
+    if (f->data_length) memcpy(ws->control + ws->frame_off, f->data, f->data_length);
   } else {
     if (ws->msg_opcode == WS_TEXT && utf8_feed(&ws->utf8, f->data, f->data_length) != 0) {
       fail(c, WS_INVALID_DATA, "text message is not UTF-8");
@@ -282,9 +292,11 @@ static void on_data(conn_t *c, const char *data, size_t len) {
     if (at_start && frame_start(c, &f) != 0) return;
     frame_data(c, &f);
     if (c->closing || c->ending || ws->frame_off < ws->frame_len) continue;
-    if (ws->frame_opcode >= 8)
+    if (ws->frame_opcode >= 8) {
       on_control(c, ws->frame_opcode, ws->control, (size_t)ws->frame_len);
-    else if (ws->frame_fin)
+      free(ws->control);
+      ws->control = NULL;
+    } else if (ws->frame_fin)
       on_message(c);
   }
   ws->in = NULL;
@@ -340,7 +352,16 @@ static void on_close(conn_t *c) {
   if (ws->frames) wslay_frame_context_free(ws->frames);
   ws->frames = NULL;
   hstr_free(&ws->msg);
-  /* ws itself stays until the conn is freed: Lua asks how it ended */
+  free(ws->control);
+  ws->control = NULL;
+  /* the rest stays until the conn is freed: Lua asks how it ended */
+}
+
+void ws_conn_free(conn_t *c) {
+  if (!c->ws) return;
+  free(c->ws->reason);
+  free(c->ws);
+  c->ws = NULL;
 }
 
 /* The format is the conn's: raw payloads (text if they are UTF-8) or the
@@ -460,7 +481,7 @@ int ws_close_status(const conn_t *c, const char **reason, size_t *len) {
   *reason = "";
   *len = 0;
   if (!ws || !ws->close_code) return WS_ABNORMAL;
-  *reason = ws->reason;
+  *reason = ws->reason ? ws->reason : "";
   *len = ws->reason_len;
   return ws->close_code;
 }

@@ -41,6 +41,9 @@ int ws_start(conn_t *c, const http_header_t *headers, size_t nheaders, const ws_
 int ws_send(conn_t *c, const char *data, size_t len, int opcode, const char **err);
 int ws_close(conn_t *c, int code, const char *reason, size_t len, const char **err);
 
+/* Frees what is left of the WebSocket state, with the conn. */
+void ws_conn_free(conn_t *c);
+
 /* How the conn's WebSocket ended: the peer's close code (WS_NO_STATUS if its
  * close had none), else the one we sent, else WS_ABNORMAL. */
 int ws_close_status(const conn_t *c, const char **reason, size_t *len);

@@ -126,7 +126,9 @@ describe("install", function()
       -- tree (make, the script, lua5.4); a watchdog in it ends everything
       -- after 60 s should the spec not get to it.
       local demo = assert(io.popen(("exec setsid sh -c %s 2>&1"):format(quote(
-        "echo $$; (sleep 60; kill -TERM -$$) >/dev/null 2>&1 & PORT=" .. port .. " exec " .. how))))
+        -- the chat's port too: PORT + 1 may be taken
+        "echo $$; (sleep 60; kill -TERM -$$) >/dev/null 2>&1 & PORT=" .. port .. " CHAT_PORT=" ..
+          free_port() .. " exec " .. how))))
       local pgid = assert(tonumber(demo:read("l")), "no process group id")
       local output, url, closed = {}, nil, false
       finally(function()
@@ -145,9 +147,11 @@ describe("install", function()
 
       local res
       if tls then -- over TLS: curl, accepting the self-signed certificate
-        local curl = assert(io.popen(("timeout 10 curl -sk -D - %s"):format(quote(url))))
-        res = t.parse_response(curl:read("a"), nil, true)
+        local curl = assert(io.popen(("timeout 10 curl -sSk -D - %s 2>&1"):format(quote(url))))
+        local out = curl:read("a")
         curl:close()
+        res = out:match("^HTTP/") and t.parse_response(out, nil, true)
+        assert(res, "curl: " .. out)
       else
         local c = t.connect(port, host)
         c:send(t.encode_request("GET", path))

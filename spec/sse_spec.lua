@@ -136,11 +136,13 @@ describe("SSE response head", function()
 
   it("serves the stream at a route with parameters, which the stream sees", function()
     local app = new_app()
-    local streams = recording_sse(app, "/rooms/:room/events")
+    local query_in_open
+    local streams = recording_sse(app, "/rooms/:room/events", function(st) query_in_open = st.req.query.x end)
     local s = open(app, "/rooms/kitchen/events?x=1")
     assert.equal(200, s.status)
     assert.equal("kitchen", streams[1].params.room)
-    assert.equal("1", streams[1].req.query.x)
+    assert.equal("1", query_in_open)
+    assert.is_nil(streams[1].req, "the request is let go once the stream is open")
   end)
 end)
 

@@ -298,6 +298,7 @@ function app_methods:_open(kind, req, res, open, close, start)
     self:_log(("%s %s: stream failed to start: %s"):format(req.method, req.path, err), req)
     abandon()
   end
+  s.req = nil -- a stream may live for days: keep its params, not the whole request
 end
 
 local function sse_headers(req, o)

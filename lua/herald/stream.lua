@@ -9,12 +9,14 @@ local ws_methods = setmetatable({}, { __index = stream_methods })
 local metatables = { sse = { __index = sse_methods }, ws = { __index = ws_methods } }
 
 --- kind: "sse" or "ws"
+-- One lives as long as its connection, so it holds little: the request
+-- only while open runs (then its params stay), tables only when used.
 function stream.new(kind, app, conn, req, user)
-  return setmetatable({
-    kind = kind, app = app, conn = conn, req = req, params = req.params, user = user,
-    topics = {}, closers = {},
-  }, metatables[kind])
+  return setmetatable({ app = app, conn = conn, req = req, params = req.params, user = user },
+    metatables[kind])
 end
+
+local no_topics = setmetatable({}, { __newindex = function() error("no_topics is read-only") end })
 
 local function check_topic(topic, what)
   if type(topic) ~= "string" then error(what .. ": topic must be a string", 3) end
@@ -23,13 +25,14 @@ end
 --- Joins a topic: true, or nil and why (a rule refused, too many, closed).
 function stream_methods:subscribe(topic)
   check_topic(topic, "subscribe")
-  if self.topics[topic] then return true end
+  if self.topics and self.topics[topic] then return true end
   local rule = self.app.topic_rules:resolve(topic)
   if rule.allow and not rule.allow(self.user, topic, "subscribe") then
     return nil, "forbidden"
   end
   local ok, err = self.app.hub:subscribe(self.conn, topic, rule.history, rule.max_age_ms, rule.conflate)
   if not ok then return nil, err end
+  self.topics = self.topics or {}
   self.topics[topic] = rule
   if rule.join then self.app:_callback(rule.join, topic, self.user, self) end
   return true
@@ -47,7 +50,7 @@ end
 --- Leaves a topic; true if the stream was in it.
 function stream_methods:unsubscribe(topic)
   check_topic(topic, "unsubscribe")
-  local rule = self.topics[topic]
+  local rule = self.topics and self.topics[topic]
   if not rule then return false end
   self.topics[topic] = nil
   self.app.hub:unsubscribe(self.conn, topic)
@@ -122,6 +125,7 @@ end
 -- closes it (WebSocket: the close code and reason, 1006 if there was none).
 function stream_methods:on_close(fn)
   if type(fn) ~= "function" then error("on_close: fn must be a function", 2) end
+  self.closers = self.closers or {}
   self.closers[#self.closers + 1] = fn
 end
 
@@ -129,11 +133,11 @@ end
 function stream_methods:_finish(code, reason)
   if self.closed then return end
   self.closed = true
-  for topic, rule in pairs(self.topics) do
+  for topic, rule in pairs(self.topics or no_topics) do
     if rule.leave then self.app:_callback(rule.leave, topic, self.user, self) end
   end
-  self.topics = {}
-  for _, fn in ipairs(self.closers) do self.app:_callback(fn, self, code, reason) end
+  self.topics = nil
+  for _, fn in ipairs(self.closers or no_topics) do self.app:_callback(fn, self, code, reason) end
 end
 
 return stream
