@@ -250,7 +250,7 @@ static void on_write(uv_write_t *req, int status) {
  * callback, no epoll change when the kernel takes it all, the usual case),
  * and what the kernel refuses through uv_write, which waits for room. */
 static void flush(conn_t *c) {
-  if (c->http_done) http_conn_free(c);
+  if (c->http_done && c->http) http_conn_free(c);
   if (c->closing || c->writing) return;
   if (c->tls && tls_encrypt(c) != 0) {
     conn_close(c);

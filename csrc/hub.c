@@ -244,6 +244,7 @@ static void unlink_sub(hub_sub_t *s) {
   if (s->next_in_conn) s->next_in_conn->prev_in_conn = s->prev_in_conn;
   t->nsubs--;
   m->nsubs--;
+  if (s->conflated) m->nconflated--;
   hub_msg_unref(s->conflated);
   free(s);
 }
@@ -370,6 +371,7 @@ static void deliver(hub_t *hub, hub_sub_t *s, hub_msg_t *msg) {
   if (s->conflated || (c->backed_up && c->queued_bytes >= hub->max_queued)) {
     if (s->topic->cfg.conflate) {
       if (s->conflated) hub->stats.conflated++;
+      else c->member.nconflated++;
       hub_msg_unref(s->conflated);
       msg->refs++;
       s->conflated = msg;
@@ -386,11 +388,12 @@ static void deliver(hub_t *hub, hub_sub_t *s, hub_msg_t *msg) {
 
 void hub_member_catch_up(conn_t *c) {
   hub_t *hub = c->member.hub;
-  if (!hub || !is_open(c)) return;
+  if (!hub || !c->member.nconflated || !is_open(c)) return; /* called after every write */
   for (hub_sub_t *s = c->member.subs; s && !c->closing; s = s->next_in_conn) {
     if (!s->conflated || (c->backed_up && c->queued_bytes >= hub->max_queued)) continue;
     hub_msg_t *msg = s->conflated;
     s->conflated = NULL;
+    c->member.nconflated--;
     c->proto->deliver(c, msg);
     hub->stats.delivered++;
     hub_msg_unref(msg);

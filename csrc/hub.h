@@ -59,6 +59,7 @@ typedef struct hub_member {
   hub_t *hub;
   hub_sub_t *subs;
   unsigned nsubs;
+  unsigned nconflated;  /* subscriptions holding a conflated message */
   hub_held_t *held;     /* deliveries while the stream is being opened */
   unsigned nheld, held_cap;
 } hub_member_t;
