@@ -58,6 +58,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   if (c->closing) return;
   if (n > 0) {
     if (c->shut) return; /* lingering: discard */
+    c->server->stats.bytes_in += (uint64_t)n;
     if (c->tls) tls_on_read(c, buf->base, (size_t)n);
     else c->proto->on_data(c, buf->base, (size_t)n);
   } else if (n < 0) {
@@ -201,6 +202,7 @@ static void on_queue_empty(conn_t *c) {
 /* Drops what the kernel took: whole chunks from the head of the queue, and
  * a part of the next one (out_off). limit: chunks that may go. */
 static void consume(conn_t *c, size_t bytes, unsigned limit) {
+  if (bytes != SIZE_MAX) c->server->stats.bytes_out += bytes;
   while (limit > 0) {
     hbuf_t *b = c->outq[c->out_head].buf;
     size_t left = b->len - c->out_off;
@@ -234,7 +236,9 @@ static void written(conn_t *c) {
 static void on_write(uv_write_t *req, int status) {
   conn_t *c = req->data;
   free(req);
+  size_t before = c->queued_bytes;
   consume(c, SIZE_MAX, c->out_inflight);
+  if (status >= 0) c->server->stats.bytes_out += before - c->queued_bytes;
   c->out_inflight = 0;
   c->writing = 0;
   c->backed_up = 0;

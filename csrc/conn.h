@@ -64,6 +64,7 @@ struct conn {
   hub_member_t member;
   ws_conn_t *ws;           /* WebSocket state after a 101; freed with the conn */
   tls_conn_t *tls;         /* NULL on a plain listener */
+  struct ip_entry *ip;     /* its address's entry in the server's table, if counted */
 };
 
 /* Accepts a pending connection on listener into a new conn of server. */

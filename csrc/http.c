@@ -7,6 +7,9 @@
 #include "conn.h"
 #include "server.h"
 
+/* Bytes of body that earn a request header_timeout more time. */
+#define BODY_PROGRESS 16384
+
 /* More headers than this is abuse, whatever their size. */
 #define MAX_HEADERS 100
 /* Request buffers larger than this are freed between requests so an idle
@@ -122,6 +125,7 @@ static void reset_request(http_conn_t *h) {
   h->raw_head_bytes = 0;
   h->in_message = h->headers_done = h->expect_continue = 0;
   h->fail_status = 0;
+  h->body_at_timer = 0;
 }
 
 static int on_message_begin(llhttp_t *p) {
@@ -214,7 +218,12 @@ static int on_body(llhttp_t *p, const char *at, size_t len) {
   http_conn_t *h = c->http;
   if (h->body.len + len > c->server->limits.max_body_size) return fail_in_callback(p, 413);
   if (hstr_append(&h->body, at, len) != 0) return fail_in_callback(p, 503);
-  conn_set_timer(c, c->server->limits.header_timeout_ms); /* a body may take long, not stall long */
+  /* A body may take long but must move: the timer restarts only for each
+   * BODY_PROGRESS bytes, so one trickled a byte at a time is cut off. */
+  if (h->body.len - h->body_at_timer >= BODY_PROGRESS) {
+    h->body_at_timer = h->body.len;
+    conn_set_timer(c, c->server->limits.header_timeout_ms);
+  }
   return 0;
 }
 
@@ -401,6 +410,7 @@ int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nhe
 void http_fail(conn_t *c, int status, const char *text) {
   http_conn_t *h = c->http;
   if (c->closing || c->ending) return;
+  server_count_error(c->server, status);
   h->head_request = 0;
   h->responses = h->requests;
   build_and_send(c, status, NULL, 0, text, strlen(text), 1);

@@ -19,6 +19,7 @@ typedef struct http_conn {
   size_t url_len;
   size_t field_start;     /* where the header name being read starts in head */
   size_t raw_head_bytes;  /* bytes fed while the head was incomplete */
+  size_t body_at_timer;   /* body bytes when the request timer was last restarted */
   unsigned nheaders;
   unsigned in_message : 1, headers_done : 1, expect_continue : 1, keep_alive : 1,
       head_request : 1, close_after : 1;

@@ -244,6 +244,7 @@ static void unlink_sub(hub_sub_t *s) {
   if (s->next_in_conn) s->next_in_conn->prev_in_conn = s->prev_in_conn;
   t->nsubs--;
   m->nsubs--;
+  t->hub->nsubs--;
   if (s->conflated) m->nconflated--;
   hub_msg_unref(s->conflated);
   free(s);
@@ -305,6 +306,10 @@ static int is_open(const conn_t *c) {
 }
 
 int hub_member_send(conn_t *c, hbuf_t *b) {
+  if (is_open(c) && c->backed_up && c->queued_bytes >= c->server->limits.max_queued) {
+    conn_close(c); /* a peer that does not read gets no more: pongs to a ping flood, say */
+    return -1;
+  }
   if (is_open(c)) return conn_send(c, b);
   return hold(&c->member, NULL, b);
 }
@@ -328,6 +333,7 @@ const char *hub_subscribe(hub_t *hub, conn_t *c, const char *name, size_t len,
   if (t->subs) t->subs->prev_in_topic = s;
   t->subs = s;
   t->nsubs++;
+  hub->nsubs++;
   s->next_in_conn = c->member.subs;
   if (c->member.subs) c->member.subs->prev_in_conn = s;
   c->member.subs = s;

@@ -86,6 +86,7 @@ struct hub {
   uint64_t forgotten[HUB_FORGOTTEN_SLOTS];
   hub_topic_t **buckets;
   unsigned nbuckets, ntopics;
+  unsigned nsubs;       /* subscriptions, all topics */
   unsigned max_subscriptions; /* per conn */
   size_t max_queued;    /* per conn: bytes queued past which a conn is slow */
   hub_stats_t stats;

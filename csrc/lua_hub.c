@@ -202,6 +202,8 @@ static int hub_stats_l(lua_State *L) {
   lua_setfield(L, -2, "slow_closed");
   lua_pushinteger(L, hub->ntopics);
   lua_setfield(L, -2, "topics");
+  lua_pushinteger(L, hub->nsubs);
+  lua_setfield(L, -2, "subscriptions");
   return 1;
 }
 

@@ -1,4 +1,5 @@
 /* The Lua face of a server and of the connections it hands to Lua. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -138,6 +139,11 @@ static int core_server(lua_State *L) {
       .idle_timeout_ms = (uint64_t)bind_opt_integer(L, 1, "idle_timeout_ms", 60000),
       .shutdown_timeout_ms = (uint64_t)bind_opt_integer(L, 1, "shutdown_timeout_ms", 5000),
       .max_connections = (unsigned)bind_opt_integer(L, 1, "max_connections", 10000),
+      .max_connections_per_ip = (unsigned)bind_opt_integer(L, 1, "max_connections_per_ip", 0),
+      .max_connects_per_ip = (unsigned)bind_opt_integer(L, 1, "max_connects_per_ip", 0),
+      .trust_loopback = (int)bind_opt_integer(L, 1, "trust_loopback", 1),
+      .max_queued = (size_t)bind_opt_integer(L, 1, "max_queued", 1048576),
+      .drain_retry_ms = (uint32_t)bind_opt_integer(L, 1, "drain_retry_ms", 1000),
   };
   lua_server_t *ls = lua_newuserdatauv(L, sizeof *ls, 0);
   memset(ls, 0, sizeof *ls);
@@ -242,6 +248,48 @@ static int server_close_l(lua_State *L) {
   return 0;
 }
 
+/* srv:stats() -> { connections, by_transport = {...}, bytes_in, bytes_out,
+ * queued_bytes, errors = { http_400 = n, ..., ws_1002 = n } } */
+static int server_stats_l(lua_State *L) {
+  lua_server_t *ls = check_server(L);
+  server_t *s = ls->srv;
+  size_t queued = 0;
+  lua_Integer http = 0, sse = 0, ws = 0;
+  for (conn_t *c = s->conns; c; c = c->next) {
+    queued += c->queued_bytes;
+    if (c->proto && c->proto->name[0] == 'w') ws++;
+    else if (c->proto && c->proto->name[0] == 's') sse++;
+    else http++;
+  }
+  lua_createtable(L, 0, 6);
+  lua_pushinteger(L, s->nconns);
+  lua_setfield(L, -2, "connections");
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, http);
+  lua_setfield(L, -2, "http");
+  lua_pushinteger(L, sse);
+  lua_setfield(L, -2, "sse");
+  lua_pushinteger(L, ws);
+  lua_setfield(L, -2, "ws");
+  lua_setfield(L, -2, "by_transport");
+  lua_pushinteger(L, (lua_Integer)s->stats.bytes_in);
+  lua_setfield(L, -2, "bytes_in");
+  lua_pushinteger(L, (lua_Integer)s->stats.bytes_out);
+  lua_setfield(L, -2, "bytes_out");
+  lua_pushinteger(L, (lua_Integer)queued);
+  lua_setfield(L, -2, "queued_bytes");
+  lua_createtable(L, 0, SERVER_ERROR_KINDS);
+  for (int i = 0; i < SERVER_ERROR_KINDS; i++) {
+    int code = server_error_codes[i];
+    char kind[16];
+    snprintf(kind, sizeof kind, code < 1000 ? "http_%d" : "ws_%d", code);
+    lua_pushinteger(L, (lua_Integer)s->stats.errors[i]);
+    lua_setfield(L, -2, kind);
+  }
+  lua_setfield(L, -2, "errors");
+  return 1;
+}
+
 static int server_connections(lua_State *L) {
   lua_server_t *ls = check_server(L);
   lua_pushinteger(L, ls->srv->nconns);
@@ -344,6 +392,7 @@ static int conn_peer(lua_State *L) {
 void bind_server_open(lua_State *L, int runtime_idx) {
   static const luaL_Reg server_methods[] = {
       {"listen", server_listen_l}, {"close", server_close_l}, {"reload_tls", server_reload_tls_l},
+      {"stats", server_stats_l},
       {"connections", server_connections}, {"__gc", server_gc}, {NULL, NULL}};
   static const luaL_Reg conn_methods[] = {
       {"respond", conn_respond}, {"close", conn_close_l}, {"finish", conn_finish}, {"alive", conn_alive},

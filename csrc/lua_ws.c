@@ -31,7 +31,8 @@ static int core_ws_accept(lua_State *L) {
   return 1;
 }
 
-/* conn:ws_start(headers, max_message, ping_ms, envelope, last_id) -> true | nil, why */
+/* conn:ws_start(headers, max_message, ping_ms, envelope, last_id, max_rate, rate_drop)
+ * -> true | nil, why */
 static int conn_ws_start(lua_State *L) {
   conn_t *c = bind_check_conn(L, 1);
   size_t n;
@@ -39,7 +40,10 @@ static int conn_ws_start(lua_State *L) {
   lua_Integer max_message = luaL_checkinteger(L, 3), ping = luaL_checkinteger(L, 4);
   luaL_argcheck(L, max_message > 0, 3, "must be > 0");
   luaL_argcheck(L, ping >= 0 && ping <= UINT32_MAX, 4, "out of range");
-  ws_options_t o = {(size_t)max_message, (uint32_t)ping, lua_toboolean(L, 5)};
+  lua_Integer rate = luaL_optinteger(L, 7, 0);
+  luaL_argcheck(L, rate >= 0 && rate <= UINT32_MAX, 7, "out of range");
+  ws_options_t o = {(size_t)max_message, (uint32_t)ping, lua_toboolean(L, 5), (uint32_t)rate,
+                    lua_toboolean(L, 8)};
   const char *last_id = luaL_optstring(L, 6, NULL);
   const char *err = NULL;
   int rc = c ? ws_start(c, headers, n, &o, last_id, &err) : 0;

@@ -28,6 +28,7 @@ server_t *server_new(runtime_t *rt, const server_limits_t *limits, server_reques
 
 static void free_if_done(server_t *s) {
   if (!s->orphaned || s->conns || s->listeners) return;
+  ip_table_free(&s->ips);
   runtime_t *rt = s->rt;
   if (s->prev_in_rt) s->prev_in_rt->next_in_rt = s->next_in_rt;
   else rt->servers = s->next_in_rt;
@@ -39,6 +40,31 @@ static void on_listener_closed(uv_handle_t *h) {
   listener_t *l = h->data;
   tls_config_unref(l->tls);
   free(l);
+}
+
+const int server_error_codes[SERVER_ERROR_KINDS] = {400, 408, 413, 414, 429, 431, 500, 503,
+                                                     1002, 1007, 1008, 1009};
+
+void server_count_error(server_t *s, int code) {
+  for (int i = 0; i < SERVER_ERROR_KINDS; i++)
+    if (server_error_codes[i] == code) s->stats.errors[i]++;
+}
+
+/* Counts c against its address's limits; NULL, or why it is refused. */
+static const char *per_address_refusal(server_t *s, conn_t *c) {
+  const server_limits_t *lim = &s->limits;
+  if (!lim->max_connections_per_ip && !lim->max_connects_per_ip) return NULL;
+  struct sockaddr_storage addr;
+  int len = sizeof addr;
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&addr, &len) != 0) return NULL;
+  if (lim->trust_loopback && ip_is_loopback(&addr)) return NULL;
+  switch (ip_admit(&s->ips, &addr, uv_now(&s->rt->loop), lim->max_connections_per_ip,
+                   lim->max_connects_per_ip, &c->ip)) {
+    case IP_OK: return NULL;
+    case IP_TOO_MANY: return "too many connections from your address\n";
+    case IP_TOO_FAST: return "too many new connections from your address: slow down\n";
+    default: return "server out of memory\n";
+  }
 }
 
 static void on_connection(uv_stream_t *stream, int status) {
@@ -65,10 +91,11 @@ static void on_connection(uv_stream_t *stream, int status) {
     conn_close(c);
     return;
   }
-  if (over) {
+  const char *refusal = over ? "server at its connection limit\n" : per_address_refusal(s, c);
+  if (refusal) {
     c->rejected = 1;
     s->rejecting++;
-    http_fail(c, 503, "server at its connection limit\n");
+    http_fail(c, over ? 503 : 429, refusal);
   }
 }
 
@@ -175,6 +202,7 @@ void server_remove_conn(server_t *s, conn_t *c) {
   if (c->next) c->next->prev = c->prev;
   s->nconns--;
   if (c->rejected) s->rejecting--;
+  if (c->ip) ip_release(&s->ips, c->ip, uv_now(&s->rt->loop));
   if (c->lua_handle && s->on_conn_closed) s->on_conn_closed(c, s->ud);
   if (s->draining) runtime_check_drained(s->rt);
   free_if_done(s);

@@ -8,6 +8,7 @@
 #include <uv.h>
 
 #include "http.h"
+#include "limits.h"
 #include "runtime.h"
 
 typedef struct server_limits {
@@ -17,6 +18,11 @@ typedef struct server_limits {
   uint64_t idle_timeout_ms;
   uint64_t shutdown_timeout_ms;
   unsigned max_connections;
+  unsigned max_connections_per_ip;  /* 0: none */
+  unsigned max_connects_per_ip;     /* new connections per second per address; 0: none */
+  size_t max_queued;                /* per conn: bytes waiting for a peer that does not read */
+  uint32_t drain_retry_ms;           /* SSE on shutdown: reconnect (elsewhere) after this */
+  int trust_loopback;               /* loopback addresses (a local proxy) are not limited per address */
 } server_limits_t;
 
 typedef void (*server_request_fn)(conn_t *c, const http_request_t *req, void *ud);
@@ -26,6 +32,18 @@ typedef void (*server_conn_closed_fn)(conn_t *c, void *ud);
 typedef void (*server_message_fn)(conn_t *c, const char *data, size_t len, int binary, void *ud);
 
 typedef struct tls_config tls_config_t;
+
+/* What an operator watches (app:stats, app:metrics). Protocol errors are
+ * counted by the answer they got: an HTTP status or a WebSocket close code. */
+#define SERVER_ERROR_KINDS 12
+typedef struct server_stats {
+  uint64_t bytes_in, bytes_out;
+  uint64_t errors[SERVER_ERROR_KINDS];
+} server_stats_t;
+
+/* The kinds, in the order of errors[]. */
+extern const int server_error_codes[SERVER_ERROR_KINDS];
+void server_count_error(server_t *s, int status_or_close_code);
 
 typedef struct listener {
   uv_tcp_t tcp;
@@ -44,7 +62,9 @@ struct server {
   listener_t *listeners;
   conn_t *conns;
   unsigned nconns;
-  unsigned rejecting;     /* conns being answered 503 for max_connections */
+  unsigned rejecting;     /* conns being answered 503/429 for a connection limit */
+  ip_table_t ips;         /* per client address: connections and connection rate */
+  server_stats_t stats;
   int draining;
   int orphaned;           /* its Lua owner is gone: free it once it is empty */
   server_t *next_in_rt, *prev_in_rt;

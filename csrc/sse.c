@@ -6,6 +6,7 @@
 
 #include "conn.h"
 #include "hub.h"
+#include "server.h"
 #include "utf8.h"
 
 static int append(hstr_t *out, const char *s, size_t len) {
@@ -117,7 +118,12 @@ static void on_timeout(conn_t *c) {
   conn_set_timer(c, c->heartbeat_ms);
 }
 
+/* Shutting down: the client should come back (to another node behind the
+ * balancer) soon, and resume from its last id. */
 static void on_drain(conn_t *c) {
+  char line[32];
+  int n = snprintf(line, sizeof line, "retry: %u\n\n", (unsigned)c->server->limits.drain_retry_ms);
+  conn_send_bytes(c, line, (size_t)n);
   conn_end(c);
 }
 

@@ -32,6 +32,9 @@ struct ws_conn {
   hstr_t msg;
   utf8_state_t utf8;
   uint8_t *control; /* a control frame's payload while it is read */
+  /* the rate limit: a bucket of max_rate tokens, refilled each second */
+  uint32_t tokens;
+  uint64_t refilled_ms;
   /* keepalive and close */
   unsigned heard : 1, ping_due : 1, close_sent : 1, close_received : 1;
   uint16_t close_code; /* the peer's, or ours if it sent none */
@@ -106,6 +109,7 @@ static int send_close(conn_t *c, int code, const char *reason, size_t len) {
 /* A protocol error: say why and end the conn without waiting for the peer. */
 static void fail(conn_t *c, int code, const char *why) {
   if (c->closing || c->ending) return;
+  server_count_error(c->server, code);
   if (!c->ws->close_sent) send_close(c, code, why, strlen(why));
   conn_end(c);
 }
@@ -161,8 +165,27 @@ static void on_close_frame(conn_t *c, const uint8_t *p, size_t len) {
   conn_end(c);
 }
 
+/* Whether the peer may send one more message now; over the limit, drops
+ * it or closes with 1008 (policy violation). */
+static int within_rate(conn_t *c) {
+  ws_conn_t *ws = c->ws;
+  if (!ws->opt.max_rate) return 1;
+  uint64_t now = uv_now(&c->rt->loop);
+  if (now - ws->refilled_ms >= 1000) {
+    ws->tokens = ws->opt.max_rate;
+    ws->refilled_ms = now;
+  }
+  if (ws->tokens > 0) {
+    ws->tokens--;
+    return 1;
+  }
+  if (!ws->opt.rate_drop) fail(c, WS_POLICY, "message rate exceeded");
+  return 0;
+}
+
 static void on_control(conn_t *c, int opcode, const uint8_t *p, size_t len) {
   if (opcode == WS_PING) {
+    if (!within_rate(c)) return;
     if (!c->ws->close_sent && send_frame(c, WS_PONG, p, len, NULL, 0) != 0) conn_close(c);
   } else if (opcode == WS_CLOSE) {
     on_close_frame(c, p, len);
@@ -178,6 +201,10 @@ static void on_message(conn_t *c) {
     return;
   }
   if (ws->close_sent) return; /* closing: late messages are dropped */
+  if (!within_rate(c)) {
+    ws->msg.len = 0;
+    return;
+  }
   if (c->server->on_message)
     c->server->on_message(c, ws->msg.data ? ws->msg.data : "", ws->msg.len, binary, c->server->ud);
   ws->msg.len = 0;
@@ -421,6 +448,8 @@ int ws_start(conn_t *c, const http_header_t *headers, size_t nheaders, const ws_
     return -1;
   }
   ws->opt = *o;
+  ws->tokens = o->max_rate;
+  ws->refilled_ms = uv_now(&c->rt->loop);
   if (http_takeover(c, 101, headers, nheaders, &ws_proto, err) != 0) {
     free(ws);
     return -1;

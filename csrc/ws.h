@@ -26,6 +26,8 @@ typedef struct ws_options {
   size_t max_message;   /* bytes of one message, all fragments */
   uint32_t ping_ms;     /* ping a conn silent this long; close it if still silent after as long */
   int envelope;         /* hub messages as JSON {topic, id, event, data}, not raw payloads */
+  uint32_t max_rate;    /* messages (and pings) per second from the peer; 0: no limit */
+  int rate_drop;        /* over the rate: drop them (else close 1008) */
 } ws_options_t;
 
 /* Sec-WebSocket-Accept for a client's key: out needs 29 bytes. */

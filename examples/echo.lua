@@ -3,7 +3,9 @@
 -- suites (Autobahn's fuzzingclient, python3-websockets) test against it.
 local herald = require "herald"
 
-local app = herald.new { max_message = 16 * 1024 * 1024, max_body_size = 16 * 1024 * 1024 }
+-- No message rate limit: conformance suites send bursts of thousands.
+local app = herald.new { max_message = 16 * 1024 * 1024, max_body_size = 16 * 1024 * 1024,
+                         max_message_rate = 0 }
 app:ws("/", {
   message = function(ws, data, kind) ws:send(data, kind) end,
 })

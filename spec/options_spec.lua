@@ -52,6 +52,13 @@ describe("herald.new options", function()
       max_message = 1048576,
       ping_interval = 30,
       client_js = true,
+      max_connections_per_ip = 1000,
+      max_connects_per_ip = 200,
+      trust_loopback = true,
+      max_total_queued = 268435456,
+      max_message_rate = 100,
+      message_rate_policy = "close",
+      drain_retry = 1000,
     }, herald.defaults)
   end)
 

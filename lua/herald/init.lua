@@ -21,6 +21,11 @@ local app_schema = {
   idle_timeout = { type = "number", default = 60, min = 0.05, max = 86400 },
   shutdown_timeout = { type = "number", default = 5, min = 0, max = 3600 },
   max_connections = { type = "integer", default = 10000, min = 1, max = 1000000 },
+  -- per client address (0: no limit); loopback (a local proxy) is exempt unless trust_loopback = false
+  max_connections_per_ip = { type = "integer", default = 1000, min = 0, max = 1000000 },
+  max_connects_per_ip = { type = "integer", default = 200, min = 0, max = 1000000 },
+  trust_loopback = { type = "boolean", default = true },
+  max_total_queued = { type = "integer", default = 268435456, min = 1024, max = 1 << 40 },
   -- topics and streams
   history = { type = "integer", default = 100, min = 0, max = 1000000 },
   max_age = { type = "number", default = 300, min = 0, max = 31536000 },
@@ -30,6 +35,9 @@ local app_schema = {
   max_subscriptions = { type = "integer", default = 100, min = 1, max = 100000 },
   max_message = { type = "integer", default = 1048576, min = 1, max = 1073741824 },
   ping_interval = { type = "number", default = 30, min = 0, max = 86400 },
+  max_message_rate = { type = "integer", default = 100, min = 0, max = 1000000 },
+  message_rate_policy = { type = "string", default = "close" },
+  drain_retry = { type = "integer", default = 1000, min = 0, max = 86400000 },
   client_js = { type = "boolean", default = true }, -- serve herald.js at /herald.js
 }
 herald.defaults = {}
@@ -97,6 +105,10 @@ local function seconds_to_ms(s) return math.floor(s * 1000 + 0.5) end
 --- herald.new(opts): an app. Options and defaults: herald.defaults.
 function herald.new(opts)
   local o = options.check(app_schema, opts, "herald.new", 2)
+  if o.message_rate_policy ~= "close" and o.message_rate_policy ~= "drop" then
+    error("herald.new: option 'message_rate_policy' must be \"close\" or \"drop\", got "
+      .. o.message_rate_policy, 2)
+  end
   if o.policy ~= "close" and o.policy ~= "conflate" then
     error("herald.new: option 'policy' must be \"close\" or \"conflate\", got " .. o.policy, 2)
   end
@@ -111,6 +123,11 @@ function herald.new(opts)
     idle_timeout_ms = seconds_to_ms(o.idle_timeout),
     shutdown_timeout_ms = seconds_to_ms(o.shutdown_timeout),
     max_connections = o.max_connections,
+    max_connections_per_ip = o.max_connections_per_ip,
+    max_connects_per_ip = o.max_connects_per_ip,
+    trust_loopback = o.trust_loopback and 1 or 0,
+    max_queued = o.max_queued,
+    drain_retry_ms = o.drain_retry,
   }, function(conn, raw) app:_dispatch(conn, raw) end, function(conn, ...) app:_on_event(conn, ...) end)
   if o.client_js then
     app:get("/herald.js", function(_, res) res:file(module_dir .. "/herald.js") end)
@@ -125,6 +142,7 @@ function app_methods:on_error(fn)
 end
 
 function app_methods:_log(message, req)
+  self.lua_errors = (self.lua_errors or 0) + 1
   local ok, err = pcall(self.logger, message, req)
   if not ok then default_logger("error in the app's on_error: " .. tostring(err) .. "\n" .. message) end
 end
@@ -265,6 +283,9 @@ end
 -- refuse with false, status, body (or, for WebSocket, ws:close()).
 function app_methods:_open(kind, req, res, open, close, start)
   local conn = res.conn
+  if self.server:stats().queued_bytes > self.config.max_total_queued then
+    return plain(res, 503, "server busy: too much output waiting; try again soon\n")
+  end
   local user = self:_authenticate(req, res, self.auth_fn)
   if user == nil then return end
   if user == true and not self.auth_fn then user = nil end
@@ -385,7 +406,8 @@ function app_methods:_open_ws(req, res, o)
       s.protocol = protocol
     end
     return s.conn:ws_start(answer, o.max_message, math.floor(o.ping_interval * 1000 + 0.5),
-      o.format == "envelope", req.query.last_event_id or s.replay_from)
+      o.format == "envelope", req.query.last_event_id or s.replay_from,
+      self.config.max_message_rate, self.config.message_rate_policy == "drop")
   end)
 end
 
@@ -449,11 +471,69 @@ end
 -- conflated (messages skipped for slow clients), slow_closed.
 function app_methods:stats()
   local st = self.hub:stats()
-  st.connections = self.server:connections()
+  for k, v in pairs(self.server:stats()) do st[k] = v end
   local n = 0
   for _ in pairs(self.streams) do n = n + 1 end
   st.streams = n
+  st.errors.lua = self.lua_errors or 0
   return st
+end
+
+-- name, type, help, and how to read it from stats()
+local metric_list = {
+  { "herald_connections", "gauge", "Open connections by transport.", "by_transport" },
+  { "herald_subscriptions", "gauge", "Topic subscriptions.", "subscriptions" },
+  { "herald_topics", "gauge", "Topics with subscribers or history.", "topics" },
+  { "herald_messages_published_total", "counter", "Messages published.", "published" },
+  { "herald_messages_delivered_total", "counter", "Messages queued to subscribers.", "delivered" },
+  { "herald_bytes_in_total", "counter", "Bytes read from clients.", "bytes_in" },
+  { "herald_bytes_out_total", "counter", "Bytes written to clients.", "bytes_out" },
+  { "herald_queued_bytes", "gauge", "Bytes waiting to be written.", "queued_bytes" },
+  { "herald_slow_consumer_closes_total", "counter", "Connections closed for reading too slowly.", "slow_closed" },
+  { "herald_conflated_messages_total", "counter", "Messages skipped for slow clients (conflate).", "conflated" },
+  { "herald_errors_total", "counter", "Errors by kind (HTTP status, WebSocket close code, Lua).", "errors" },
+}
+
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys)
+  return keys
+end
+
+--- app:stats() in the Prometheus text format.
+function app_methods:prometheus()
+  local st, out = self:stats(), {}
+  for _, m in ipairs(metric_list) do
+    local name, kind, help, field = m[1], m[2], m[3], m[4]
+    out[#out + 1] = ("# HELP %s %s\n# TYPE %s %s\n"):format(name, help, name, kind)
+    local v = st[field]
+    if type(v) == "table" then
+      local label = field == "errors" and "kind" or "transport"
+      for _, k in ipairs(sorted_keys(v)) do out[#out + 1] = ('%s{%s="%s"} %d\n'):format(name, label, k, v[k]) end
+    else
+      out[#out + 1] = ("%s %d\n"):format(name, v)
+    end
+  end
+  return table.concat(out)
+end
+
+local function loopback_only(req)
+  local ip = req:peer()
+  return ip == "::1" or (ip or ""):match("^127%.") or (ip or ""):match("^::ffff:127%.")
+end
+
+--- Serves app:prometheus() at path (GET) to requests allow(req) accepts
+-- (default: from loopback only); others get 403.
+function app_methods:metrics(path, opts)
+  if opts ~= nil and type(opts) ~= "table" then error("metrics: opts must be a table", 2) end
+  local allow = opts and opts.allow or loopback_only
+  if type(allow) ~= "function" then error("metrics: opts.allow must be a function", 2) end
+  return self:get(path, function(req, res)
+    if not allow(req) then return plain(res, 403, "forbidden\n") end
+    res:header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+    res:send(self:prometheus())
+  end)
 end
 
 local publisher_schema = { auth = { type = "function" } }
