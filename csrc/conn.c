@@ -307,6 +307,12 @@ static void flush(conn_t *c) {
   c->writing = 1;
   c->out_inflight = n - done;
   c->backed_up = 1;
+  /* It sent so much that we hold its input until it reads what we owe it
+   * (max_queued), and the kernel says it does not read: it goes. */
+  if (c->input_held) {
+    c->server->stats.slow_closed++;
+    conn_close(c);
+  }
 }
 
 void conn_flush_all(runtime_t *rt) {

@@ -56,7 +56,8 @@ struct conn {
   unsigned dirty : 1, writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1,
       notify_close : 1,    /* tell Lua when it goes: it held a stream */
       backed_up : 1,       /* the kernel refused part of the last write: the peer reads slowly */
-      http_done : 1;       /* another protocol took over from HTTP */
+      http_done : 1,       /* another protocol took over from HTTP */
+      input_held : 1;      /* the protocol holds input back until the peer reads */
   uint32_t heartbeat_ms;   /* SSE: comment interval */
   int lua_ref;             /* registry ref of the Lua handle, if one was made */
   void *lua_handle;        /* that handle's userdata, cleared on close */

@@ -307,7 +307,8 @@ static int is_open(const conn_t *c) {
 
 int hub_member_send(conn_t *c, hbuf_t *b) {
   if (is_open(c) && c->backed_up && c->queued_bytes >= c->server->limits.max_queued) {
-    conn_close(c); /* a peer that does not read gets no more: pongs to a ping flood, say */
+    c->server->stats.slow_closed++;
+    conn_close(c); /* a peer that does not read gets no more */
     return -1;
   }
   if (is_open(c)) return conn_send(c, b);
@@ -384,7 +385,7 @@ static void deliver(hub_t *hub, hub_sub_t *s, hub_msg_t *msg) {
       return;
     }
     /* Closing loses nothing: the client resumes from history. */
-    hub->stats.slow_closed++;
+    c->server->stats.slow_closed++;
     conn_close(c);
     return;
   }

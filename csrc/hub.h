@@ -71,7 +71,7 @@ typedef struct hub_topic_config {
 } hub_topic_config_t;
 
 typedef struct hub_stats {
-  uint64_t published, delivered, conflated, slow_closed;
+  uint64_t published, delivered, conflated;
   unsigned topics;
 } hub_stats_t;
 

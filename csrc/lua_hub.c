@@ -198,8 +198,6 @@ static int hub_stats_l(lua_State *L) {
   lua_setfield(L, -2, "delivered");
   lua_pushinteger(L, (lua_Integer)hub->stats.conflated);
   lua_setfield(L, -2, "conflated");
-  lua_pushinteger(L, (lua_Integer)hub->stats.slow_closed);
-  lua_setfield(L, -2, "slow_closed");
   lua_pushinteger(L, hub->ntopics);
   lua_setfield(L, -2, "topics");
   lua_pushinteger(L, hub->nsubs);

@@ -278,6 +278,8 @@ static int server_stats_l(lua_State *L) {
   lua_setfield(L, -2, "bytes_out");
   lua_pushinteger(L, (lua_Integer)queued);
   lua_setfield(L, -2, "queued_bytes");
+  lua_pushinteger(L, (lua_Integer)s->stats.slow_closed);
+  lua_setfield(L, -2, "slow_closed");
   lua_createtable(L, 0, SERVER_ERROR_KINDS);
   for (int i = 0; i < SERVER_ERROR_KINDS; i++) {
     int code = server_error_codes[i];

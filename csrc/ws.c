@@ -22,6 +22,8 @@ struct ws_conn {
    * payload): equal, wslay holds nothing and its context (4 KiB of buffer)
    * is freed until the next input, so an idle conn costs little. */
   uint64_t given, parsed;
+  char *held_input;        /* input not given to wslay while reading is paused */
+  size_t held_len;
   uint8_t tail[14]; /* the last bytes given to wslay: at most one frame head */
   ws_options_t opt;
   /* the frame being read */
@@ -189,7 +191,9 @@ static void on_control(conn_t *c, int opcode, const uint8_t *p, size_t len) {
     if (!c->ws->close_sent && send_frame(c, WS_PONG, p, len, NULL, 0) != 0) conn_close(c);
   } else if (opcode == WS_CLOSE) {
     on_close_frame(c, p, len);
-  } /* a pong: hearing it was the point */
+  } else {
+    within_rate(c); /* a pong: hearing it was the point, but a flood of them is abuse */
+  }
 }
 
 static void on_message(conn_t *c) {
@@ -296,6 +300,31 @@ static void frame_data(conn_t *c, const struct wslay_frame_iocb *f) {
   ws->parsed += f->data_length;
 }
 
+/* What we owe a peer that sends faster than it reads (pongs to a ping flood,
+ * echoes) is bounded: past max_queued its input waits, unread, until it has
+ * read. A peer that never reads then stays silent and keepalive drops it. */
+static int hold_input(conn_t *c) {
+  ws_conn_t *ws = c->ws;
+  if (c->backed_up) { /* and the kernel already refuses: it does not read */
+    c->server->stats.slow_closed++;
+    conn_close(c);
+    return -1;
+  }
+  conn_pause_reading(c);
+  c->input_held = 1;
+  if (ws->in_len == 0) return 0;
+  char *p = realloc(ws->held_input, ws->held_len + ws->in_len);
+  if (!p) {
+    conn_close(c);
+    return -1;
+  }
+  memcpy(p + ws->held_len, ws->in, ws->in_len);
+  ws->held_input = p;
+  ws->held_len += ws->in_len;
+  ws->in_len = 0;
+  return 0;
+}
+
 static const struct wslay_frame_callbacks wslay_callbacks = {wslay_send_unused, wslay_recv, NULL};
 
 static void on_data(conn_t *c, const char *data, size_t len) {
@@ -308,6 +337,10 @@ static void on_data(conn_t *c, const char *data, size_t len) {
   ws->in_len = len;
   ws->heard = 1;
   while (!c->closing && !c->ending) {
+    if (c->queued_bytes >= c->server->limits.max_queued) { /* owes too much: hold the rest */
+      if (hold_input(c) != 0) return;
+      break;
+    }
     struct wslay_frame_iocb f;
     int at_start = ws->frame_off == ws->frame_len; /* the last frame is done */
     ssize_t r = wslay_frame_recv(ws->frames, &f);
@@ -370,6 +403,21 @@ static void on_timeout(conn_t *c) {
   conn_set_timer(c, ws->opt.ping_ms);
 }
 
+static void on_writable(conn_t *c) {
+  hub_member_catch_up(c);
+  ws_conn_t *ws = c->ws;
+  if (c->reading || c->closing || c->ending || c->queued_bytes >= c->server->limits.max_queued / 2)
+    return;
+  char *held = ws->held_input;
+  size_t len = ws->held_len;
+  ws->held_input = NULL;
+  ws->held_len = 0;
+  c->input_held = 0;
+  if (held) on_data(c, held, len); /* may hold some again */
+  free(held);
+  if (!ws->held_input && !c->closing && !c->ending) conn_resume_reading(c);
+}
+
 static void on_drain(conn_t *c) {
   fail(c, WS_GOING_AWAY, "server shutting down");
 }
@@ -381,6 +429,9 @@ static void on_close(conn_t *c) {
   hstr_free(&ws->msg);
   free(ws->control);
   ws->control = NULL;
+  free(ws->held_input);
+  ws->held_input = NULL;
+  ws->held_len = 0;
   /* the rest stays until the conn is freed: Lua asks how it ended */
 }
 
@@ -434,7 +485,7 @@ static const conn_proto_t ws_proto = {
     .on_data = on_data,
     .on_eof = on_eof,
     .on_timeout = on_timeout,
-    .on_writable = hub_member_catch_up,
+    .on_writable = on_writable,
     .on_drain = on_drain,
     .on_close = on_close,
     .deliver = deliver,

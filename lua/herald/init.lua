@@ -180,6 +180,14 @@ local function plain(res, code, text)
   return res:send(text)
 end
 
+-- An error answer from Lua, counted in stats().errors like C's.
+function app_methods:_fail(res, code, text)
+  local key = "http_" .. code
+  self.lua_answered = self.lua_answered or {}
+  self.lua_answered[key] = (self.lua_answered[key] or 0) + 1
+  return plain(res, code, text)
+end
+
 function app_methods:_dispatch(conn, raw)
   local req = request.new(raw, conn)
   local res = response.new(conn, req or raw)
@@ -195,7 +203,7 @@ function app_methods:_dispatch(conn, raw)
   local ok, err = xpcall(handler, debug.traceback, req, res)
   if not ok then
     self:_log(("%s %s: %s"):format(req.method, req.path, tostring(err)), req)
-    if not res.sent then return plain(res, 500, "internal server error\n") end
+    if not res.sent then return self:_fail(res, 500, "internal server error\n") end
   elseif not res.sent and conn:awaiting() then
     return res:send()
   end
@@ -229,7 +237,7 @@ function app_methods:_authenticate(req, res, fn)
   if not fn then return true end
   local ok, user, status, body = self:_callback(fn, req)
   if not ok then
-    plain(res, 500, "internal server error\n")
+    self:_fail(res, 500, "internal server error\n")
   elseif user == nil or user == false then
     status = math.type(status) == "integer" and status >= 400 and status <= 599 and status or 401
     plain(res, status, type(body) == "string" and body or (status == 403 and "forbidden\n" or "unauthorized\n"))
@@ -284,7 +292,7 @@ end
 function app_methods:_open(kind, req, res, open, close, start)
   local conn = res.conn
   if self.server:stats().queued_bytes > self.config.max_total_queued then
-    return plain(res, 503, "server busy: too much output waiting; try again soon\n")
+    return self:_fail(res, 503, "server busy: too much output waiting; try again soon\n")
   end
   local user = self:_authenticate(req, res, self.auth_fn)
   if user == nil then return end
@@ -303,7 +311,7 @@ function app_methods:_open(kind, req, res, open, close, start)
   if not ok or refused == false or s.refused then
     abandon()
     if not conn:awaiting() then return end
-    if not ok then return plain(res, 500, "internal server error\n") end
+    if not ok then return self:_fail(res, 500, "internal server error\n") end
     status = math.type(status) == "integer" and status >= 400 and status <= 599 and status or 403
     return plain(res, status, type(body) == "string" and body or "refused\n")
   end
@@ -312,7 +320,7 @@ function app_methods:_open(kind, req, res, open, close, start)
   local ran, started, err = self:_callback(start, s)
   if not ran then
     abandon()
-    if conn:awaiting() then return plain(res, 500, "internal server error\n") end
+    if conn:awaiting() then return self:_fail(res, 500, "internal server error\n") end
     return
   end
   if not started then
@@ -476,6 +484,7 @@ function app_methods:stats()
   for _ in pairs(self.streams) do n = n + 1 end
   st.streams = n
   st.errors.lua = self.lua_errors or 0
+  for k, count in pairs(self.lua_answered or {}) do st.errors[k] = (st.errors[k] or 0) + count end
   return st
 end
 
