@@ -156,12 +156,19 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
   return append_head(p, at, len, SPAN_NAME) ? HPE_USER : 0;
 }
 
+static int is_token_char(unsigned char ch) {
+  return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+         (ch && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
+}
+
 static int on_header_field_complete(llhttp_t *p) {
   http_conn_t *h = HTTP(p);
-  /* llhttp lets "Name :" and an empty name through; RFC 9112 5.1 says 400 */
+  /* A field name is a token (RFC 9112 5.1): llhttp lets "Name :", "A b:" and
+   * an empty name through; they get 400. */
   size_t len = h->head.len - h->field_start;
-  if (len == 0 || h->head.data[h->head.len - 1] == ' ' || h->head.data[h->head.len - 1] == '\t')
-    return fail_in_callback(p, 400);
+  if (len == 0) return fail_in_callback(p, 400);
+  for (size_t i = h->field_start; i < h->head.len; i++)
+    if (!is_token_char((unsigned char)h->head.data[i])) return fail_in_callback(p, 400);
   if (!h->headers_done && ++h->nheaders > MAX_HEADERS) return fail_in_callback(p, 431);
   return end_span(p) ? HPE_USER : 0;
 }

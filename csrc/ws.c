@@ -161,7 +161,7 @@ static void on_close_frame(conn_t *c, const uint8_t *p, size_t len) {
   }
   ws->close_received = 1;
   ws->close_code = (uint16_t)code;
-  keep_reason(ws, p + 2, len > 2 ? len - 2 : 0);
+  keep_reason(ws, len > 2 ? p + 2 : NULL, len > 2 ? len - 2 : 0); /* p is NULL for an empty close */
   /* Echo the code, unless we closed first: then this is the answer. */
   if (!ws->close_sent) send_close(c, (int)code, "", 0);
   conn_end(c);
