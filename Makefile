@@ -103,3 +103,48 @@ bench: deps release loadgen
 	@scripts/bench-deps
 	BENCH_BUILD=0 BENCH_COMMAND="make bench$(if $(QUICK), QUICK=$(QUICK))" QUICK=$(QUICK) bench/run; \
 	  status=$$?; QUICK=$(QUICK) bench/report && exit $$status
+
+# ---- fuzzing (fuzz/, scripts/fuzz) ----
+# make fuzz: builds every libFuzzer target (ASan+UBSan) into build/fuzz/,
+# runs each once over its regressions (fuzz/regressions/<target>/) and seeds,
+# then for FUZZ_SECONDS from build/fuzz/corpus-<target>/ (a copy of
+# fuzz/corpus/<target>/, so what a run finds stays out of the repository).
+# Any crash, leak or sanitizer report fails it. make fuzz FUZZ_SECONDS=10:
+# a quick run; FUZZ_TARGETS=ws: one target; make fuzz-regressions: no timed run.
+# FUZZ_BUILD and FUZZ_EXTRA_CFLAGS make a separate build with other flags
+# (e.g. to explore past a known finding: see fuzz/README.md).
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= http ws resume tls
+FUZZ_BUILD   ?= $(BUILD)/fuzz
+FUZZ_CFLAGS  := -std=c11 -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined \
+                -fno-sanitize-recover=undefined -fsanitize=fuzzer-no-link $(FUZZ_EXTRA_CFLAGS) \
+                -I$(LLHTTP_H) $(UV_INC)
+FUZZ_HARNESS_CFLAGS := $(FUZZ_CFLAGS) -D_GNU_SOURCE -iquote csrc -Wall -Wextra -Werror
+FUZZ_OBJS    := $(patsubst csrc/%.c,$(FUZZ_BUILD)/obj/%.o,$(filter-out csrc/lua_%.c,$(SRCS))) \
+                $(LLHTTP_SRCS:$(LLHTTP)/%.c=$(FUZZ_BUILD)/obj/llhttp-%.o) $(FUZZ_BUILD)/obj/harness.o
+FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
+
+.PHONY: fuzz fuzz-build fuzz-regressions
+fuzz: fuzz-build
+	FUZZ_OUT=$(FUZZ_BUILD) FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz $(FUZZ_TARGETS)
+
+fuzz-regressions: fuzz-build
+	FUZZ_OUT=$(FUZZ_BUILD) FUZZ_SECONDS=0 scripts/fuzz $(FUZZ_TARGETS)
+
+fuzz-build: $(FUZZ_BINS)
+
+$(FUZZ_BUILD)/obj/%.o: csrc/%.c $(HDRS)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -D_DEFAULT_SOURCE -c $< -o $@
+
+$(FUZZ_BUILD)/obj/llhttp-%.o: $(LLHTTP)/%.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
+
+$(FUZZ_BUILD)/obj/harness.o: fuzz/harness.c fuzz/harness.h $(HDRS)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_HARNESS_CFLAGS) -c $< -o $@
+
+$(FUZZ_BINS): $(FUZZ_BUILD)/%: fuzz/%.c fuzz/harness.h $(FUZZ_OBJS)
+	$(FUZZ_CC) $(FUZZ_HARNESS_CFLAGS) -fsanitize=fuzzer -o $@ $< $(FUZZ_OBJS) $(LIBS)
