@@ -125,12 +125,19 @@ FUZZ_OBJS    := $(patsubst csrc/%.c,$(FUZZ_BUILD)/obj/%.o,$(filter-out csrc/lua_
                 $(LLHTTP_SRCS:$(LLHTTP)/%.c=$(FUZZ_BUILD)/obj/llhttp-%.o) $(FUZZ_BUILD)/obj/harness.o
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
 
-.PHONY: fuzz fuzz-build fuzz-regressions
+.PHONY: fuzz fuzz-build fuzz-regressions fuzz-coverage
 fuzz: fuzz-build
 	FUZZ_OUT=$(FUZZ_BUILD) FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz $(FUZZ_TARGETS)
 
 fuzz-regressions: fuzz-build
 	FUZZ_OUT=$(FUZZ_BUILD) FUZZ_SECONDS=0 scripts/fuzz $(FUZZ_TARGETS)
+
+# make fuzz-coverage: csrc/'s line coverage by the corpora a make fuzz left
+# in build/fuzz/ (and the seeds), from a build for source-based coverage.
+fuzz-coverage:
+	$(MAKE) fuzz-build FUZZ_BUILD=$(BUILD)/fuzz-cov FUZZ_TARGETS="$(FUZZ_TARGETS)" \
+	  FUZZ_EXTRA_CFLAGS="-fprofile-instr-generate -fcoverage-mapping"
+	FUZZ_OUT=$(BUILD)/fuzz-cov FUZZ_CORPORA=$(FUZZ_BUILD) scripts/fuzz --coverage $(FUZZ_TARGETS)
 
 fuzz-build: $(FUZZ_BINS)
 
