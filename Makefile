@@ -5,8 +5,9 @@ LLHTTP   ?= /usr/share/llhttp
 LLHTTP_H ?= /usr/share/include/llhttp
 LUA_INC  ?= $(shell pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
 UV_LIBS  ?= $(shell pkg-config --libs libuv 2>/dev/null || echo -luv)
-# wslay reads WebSocket frames; OpenSSL does TLS and the WebSocket handshake's SHA-1.
-LIBS     := $(UV_LIBS) -lwslay -lssl -lcrypto
+# wslay reads WebSocket frames; OpenSSL does TLS and the WebSocket handshake's SHA-1;
+# hiredis parses and formats Redis's protocol for the Redis broker.
+LIBS     := $(UV_LIBS) -lwslay -lssl -lcrypto -lhiredis
 
 BUILD    := build
 SRCS     := $(wildcard csrc/*.c)

@@ -74,6 +74,25 @@ void runtime_drain(runtime_t *rt) {
   runtime_check_drained(rt);
 }
 
+int runtime_after_fork(runtime_t *rt) {
+  int rc = uv_loop_fork(&rt->loop);
+  for (runtime_fork_hook_t *h = rt->fork_hooks; h; h = h->next) h->after_fork(h->ud);
+  return rc;
+}
+
+void runtime_add_fork_hook(runtime_t *rt, runtime_fork_hook_t *hook) {
+  hook->next = rt->fork_hooks;
+  rt->fork_hooks = hook;
+}
+
+void runtime_remove_fork_hook(runtime_t *rt, runtime_fork_hook_t *hook) {
+  for (runtime_fork_hook_t **p = &rt->fork_hooks; *p; p = &(*p)->next)
+    if (*p == hook) {
+      *p = hook->next;
+      return;
+    }
+}
+
 static void on_signal(uv_signal_t *h, int signum) {
   runtime_t *rt = h->data;
   if (signum != SIGHUP) {

@@ -13,6 +13,13 @@ typedef struct client client_t;
 
 #define HERALD_READ_CHUNK 65536
 
+/* Something that must renew itself in a forked child (a broker's sockets). */
+typedef struct runtime_fork_hook {
+  void (*after_fork)(void *ud);
+  void *ud;
+  struct runtime_fork_hook *next;
+} runtime_fork_hook_t;
+
 typedef struct runtime {
   uv_loop_t loop;
   uv_prepare_t flusher;   /* writes every dirty conn's queue once per loop turn */
@@ -30,6 +37,7 @@ typedef struct runtime {
   uv_signal_t sigint, sigterm, sighup;
   int closing;            /* the Lua state is closing: no more calls into Lua */
   void *lua;              /* lua_State of the thread currently running the loop */
+  runtime_fork_hook_t *fork_hooks;
   int on_error_ref;       /* Lua logger for errors raised in callbacks */
   char read_buf[HERALD_READ_CHUNK]; /* reads are handled synchronously: one buffer serves all */
   char tls_buf[16384];    /* and the plaintext of one TLS record */
@@ -39,6 +47,11 @@ typedef struct runtime {
 const char *runtime_date(runtime_t *rt);
 /* Logs an error that has no Lua handler to take it. */
 void runtime_log(runtime_t *rt, const char *fmt, ...);
+/* In a forked child: renews the loop (uv_loop_fork) and calls every hook. */
+int runtime_after_fork(runtime_t *rt);
+/* hook lives as long as it is registered (it is usually a member of ud). */
+void runtime_add_fork_hook(runtime_t *rt, runtime_fork_hook_t *hook);
+void runtime_remove_fork_hook(runtime_t *rt, runtime_fork_hook_t *hook);
 /* Starts draining every server; the loop stops when they are empty. */
 void runtime_drain(runtime_t *rt);
 /* Called by a server whenever it may have become empty during a drain. */

@@ -39,6 +39,8 @@ local app_schema = {
   message_rate_policy = { type = "string", default = "close" },
   drain_retry = { type = "integer", default = 1000, min = 0, max = 86400000 },
   client_js = { type = "boolean", default = true }, -- serve herald.js at /herald.js
+  -- shares topics, history and presence with other herald processes: { redis = url, ... }
+  broker = { type = "table" },
 }
 herald.defaults = {}
 for name, rule in pairs(app_schema) do herald.defaults[name] = rule.default end
