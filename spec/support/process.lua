@@ -8,6 +8,11 @@ local proc = {}
 function proc.quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 local quote = proc.quote
 
+--- Prefix for commands that are not herald (python3, redis-server, curl):
+-- the ASan run's preload and options are not theirs (python3's leaks at exit
+-- would read as ours).
+proc.clean_env = "env -u LD_PRELOAD -u ASAN_OPTIONS -u LSAN_OPTIONS -u UBSAN_OPTIONS "
+
 function proc.slurp(path)
   local f = io.open(path)
   if not f then return "" end
@@ -23,7 +28,7 @@ end
 
 --- A TCP port nothing listens on right now (bound once by the kernel's choice).
 function proc.free_port()
-  local p = assert(io.popen("/usr/bin/python3 -c " .. quote(
+  local p = assert(io.popen(proc.clean_env .. "/usr/bin/python3 -c " .. quote(
     'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')))
   local port = tonumber(p:read("l"))
   p:close()

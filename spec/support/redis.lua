@@ -9,7 +9,7 @@ server_methods.__index = server_methods
 
 --- redis-cli against this server; returns its output (trimmed).
 function server_methods:cli(...)
-  local args = { "redis-cli", "-p", tostring(self.port) }
+  local args = { proc.clean_env .. "redis-cli", "-p", tostring(self.port) }
   if self.password then args[#args + 1] = "-a " .. proc.quote(self.password) .. " --no-auth-warning" end
   for _, a in ipairs { ... } do args[#args + 1] = proc.quote(a) end
   local p = assert(io.popen(table.concat(args, " ") .. " 2>&1"))
@@ -20,7 +20,7 @@ end
 
 --- Starts (or starts again, on the same port) the server.
 function server_methods:start()
-  local args = { "redis-server", "--port", self.port, "--bind", "127.0.0.1", "--save", "''",
+  local args = { proc.clean_env .. "redis-server", "--port", self.port, "--bind", "127.0.0.1", "--save", "''",
     "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning" }
   if self.password then args[#args + 1] = "--requirepass " .. proc.quote(self.password) end
   self.process = proc.spawn(table.concat(args, " "), { watchdog = self.watchdog })
