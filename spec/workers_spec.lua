@@ -232,29 +232,76 @@ describe("herald.run { workers }", function()
     no_sanitizer_reports(stderr)
   end)
 
-  it("serves TLS from every worker with the listener's certificate", function()
-    local dir = os.tmpname()
-    os.remove(dir)
-    assert(os.execute("mkdir " .. proc.quote(dir)))
-    local cert, key = dir .. "/cert.pem", dir .. "/key.pem"
-    assert(os.execute(CLEAN .. "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
-      .. "-days 2 -subj /CN=workers.test -keyout " .. proc.quote(key) .. " -out " .. proc.quote(cert)
-      .. " >/dev/null 2>&1"))
-    local port = start(2, "tls", cert, key)
-    local seen, count = {}, 0
-    for _ = 1, 100 do
+  describe("over TLS", function()
+    local dir, cert, key
+
+    -- A self-signed certificate for workers.test, under name in dir.
+    local function make_cert(name)
+      local c, k = ("%s/%s.pem"):format(dir, name), ("%s/%s.key"):format(dir, name)
+      assert(os.execute(CLEAN .. "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
+        .. "-days 2 -subj /CN=workers.test -addext subjectAltName=DNS:workers.test -keyout " .. proc.quote(k)
+        .. " -out " .. proc.quote(c) .. " >/dev/null 2>&1"))
+      return c, k
+    end
+
+    local function install(from_cert, from_key)
+      assert(os.execute(("cp %s %s && cp %s %s"):format(proc.quote(from_cert), proc.quote(cert),
+        proc.quote(from_key), proc.quote(key))))
+    end
+
+    -- GET /who over https trusting only ca: { index, pid }, or nil and curl's complaint.
+    local function who_tls(port, ca)
       local curl = assert(io.popen(CLEAN .. ("curl -sS --max-time 5 --cacert %s --resolve workers.test:%d:127.0.0.1 "
-        .. "https://workers.test:%d/who 2>&1"):format(proc.quote(cert), port, port)))
+        .. "https://workers.test:%d/who 2>&1"):format(proc.quote(ca), port, port)))
       local body = curl:read("a")
       curl:close()
-      local index = body:match("^(%d+) %d+ 2$")
-      assert(index, "curl: " .. body)
-      if not seen[index] then count = count + 1 end
-      seen[index] = true
-      if count == 2 then break end
+      local index, pid = body:match("^(%d+) (%d+) 2$")
+      if not index then return nil, body end
+      return { index = tonumber(index), pid = tonumber(pid) }
     end
-    os.execute("rm -r " .. proc.quote(dir))
-    assert.equal(2, count, "workers that answered over TLS")
+
+    -- Asks until every index in want answered (trusting ca), within ms.
+    local function until_answered(port, ca, want, ms)
+      local last
+      return wait_for(function()
+        local w, err = who_tls(port, ca)
+        last = err
+        if w and want[w.index] and want[w.index](w) then want[w.index] = nil end
+        return next(want) == nil
+      end, ms), last
+    end
+
+    before_each(function()
+      dir = os.tmpname()
+      os.remove(dir)
+      assert(os.execute("mkdir " .. proc.quote(dir)))
+      cert, key = dir .. "/cert.pem", dir .. "/key.pem"
+    end)
+    after_each(function() os.execute("rm -r " .. proc.quote(dir)) end)
+
+    it("serves from every worker with the listener's certificate, and SIGHUP reloads it in all", function()
+      local old_cert, old_key = make_cert("old")
+      local new_cert, new_key = make_cert("new")
+      install(old_cert, old_key)
+      local port = start(2, "tls", cert, key)
+      local any = function() return true end
+      local pids = {}
+      local function remember(w)
+        pids[w.index] = w.pid
+        return true
+      end
+      assert.is_true(until_answered(port, old_cert, { remember, remember }, 5000), "both workers over TLS")
+      assert.is_nil(who_tls(port, new_cert)) -- not trusted yet
+      install(new_cert, new_key)
+      os.execute("kill -HUP " .. p.pid) -- the master hands it on
+      local ok, err = until_answered(port, new_cert, { any, any }, 5000)
+      assert.is_true(ok, "both workers with the new certificate: " .. tostring(err))
+      -- a worker forked after the reload starts with the new certificate too
+      os.execute("kill -KILL " .. pids[1])
+      ok, err = until_answered(port, new_cert, { function(w) return w.pid ~= pids[1] end }, 5000)
+      assert.is_true(ok, "the restarted worker with the new certificate: " .. tostring(err))
+      for _ = 1, 10 do assert.is_nil(who_tls(port, old_cert)) end
+    end)
   end)
 
   it("refuses workers > 1 when no app listens", function()
