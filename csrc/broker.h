@@ -39,6 +39,7 @@ struct broker_fetch {
   uint64_t since_seq;
   broker_fetch_topic_t *topics;
   size_t ntopics;
+  uint32_t epoch;         /* the engine's epoch: the messages' ids are in it */
   const char *error;      /* set when the read failed (a static text) */
   unsigned outstanding;   /* the broker's own count of replies to come */
   void (*done)(broker_fetch_t *f); /* called once, then the caller frees f */

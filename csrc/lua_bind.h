@@ -45,6 +45,7 @@ http_header_t *bind_check_headers(lua_State *L, int idx, size_t *n);
 
 void bind_hub_open(lua_State *L, int runtime_idx);
 void bind_ws_open(lua_State *L, int runtime_idx);
+void bind_broker_open(lua_State *L, int runtime_idx);
 
 /* Closes what the binding owns when the Lua state closes. */
 void bind_client_close_all(runtime_t *rt);

@@ -268,9 +268,10 @@ static int send_command(redis_conn_t *r, int argc, const char **argv, const size
   char *cmd;
   int len = redisFormatCommandArgv(&cmd, argc, argv, lens);
   if (len < 0) return -1;
-  int rc = push_waiter(r, fn, ud);
+  int waits = !r->push; /* in push mode replies go to on_push */
+  int rc = waits ? push_waiter(r, fn, ud) : 0;
   if (rc == 0 && write_bytes(r, cmd, (size_t)len) != 0) {
-    r->nwaiting--; /* the waiter just pushed */
+    if (waits) r->nwaiting--; /* the waiter just pushed */
     rc = -1;
   }
   redisFreeCommand(cmd);

@@ -60,7 +60,8 @@ int redis_ready(const redis_conn_t *r);
 /* Replies go to on_push from now on (after the first SUBSCRIBE). */
 void redis_push_mode(redis_conn_t *r, int on);
 
-/* Sends a command; fn (may be NULL) gets its reply. -1 when not connected or
+/* Sends a command; fn (may be NULL) gets its reply (in push mode on_push
+ * does, and fn must be NULL). -1 when not connected or
  * out of memory: fn is not called. */
 int redis_command(redis_conn_t *r, int argc, const char **argv, const size_t *lens,
                   redis_reply_fn fn, void *ud);

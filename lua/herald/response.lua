@@ -31,6 +31,14 @@ function response.new(conn, req)
     response_mt)
 end
 
+--- The handler answers later (from a callback: Redis, a timer): herald
+-- sends nothing when it returns. The connection's idle timeout still bounds
+-- the wait.
+function response_methods:defer()
+  self.deferred = true
+  return self
+end
+
 local function check_open(self, what)
   if self.sent then error(what .. ": the response was already sent", 3) end
 end
