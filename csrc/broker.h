@@ -30,6 +30,7 @@ typedef struct broker_fetch_topic {
   hub_msg_t **msgs;       /* oldest first; the fetch owns a reference to each */
   size_t n;
   int lost;               /* messages after since are gone */
+  uint64_t last;          /* the topic's newest sequence, kept or not */
 } broker_fetch_topic_t;
 
 typedef struct broker_fetch broker_fetch_t;

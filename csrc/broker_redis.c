@@ -409,6 +409,7 @@ static void on_fetched(void *ud, redisReply *reply, const char *err) {
     ft->msgs[kept - 1 - i] = tmp;
   }
   ft->n = kept;
+  ft->last = last;
   if (f->since == FETCH_ALL) ft->lost = 0;
   else if (!known) ft->lost = 1;
   else ft->lost = oldest_prev > f->since_seq;

@@ -29,6 +29,7 @@ struct hub_topic {
   unsigned watching : 1;    /* the engine delivers this topic's messages to us */
   unsigned catching_up : 1; /* reading what was missed while it did not */
   unsigned fetching : 1;
+  unsigned synced : 1;      /* knows the topic's newest message as of its first watch */
   hub_msg_t **pending;  /* live messages that came during the catch-up */
   unsigned npending, pending_cap;
   size_t name_len;
@@ -565,8 +566,10 @@ static int start_with(conn_t *c, replay_t *r) {
   for (unsigned i = 0; i < held.nheld && rc == 0; i++)
     if (held.held[i].msg) rc = replay_add(r, held.held[i].msg);
   if (r->n > 1) qsort(r->msgs, r->n, sizeof *r->msgs, by_seq);
+  uint64_t delivered = 0; /* the previous seq: each message once */
   for (size_t i = 0; i < r->n; i++) {
-    if (!c->closing && rc == 0 && (i == 0 || r->msgs[i]->seq != r->msgs[i - 1]->seq)) {
+    if (!c->closing && rc == 0 && (i == 0 || r->msgs[i]->seq != delivered)) {
+      delivered = r->msgs[i]->seq;
       c->proto->deliver(c, r->msgs[i]);
       if (hub) hub->stats.delivered++;
     }
@@ -738,20 +741,38 @@ static void topic_fetched(broker_fetch_t *f) {
   topic_free_if_idle(t);
 }
 
-/* Reads what t missed while it was not watched. */
+/* A topic newly watched learns where it stands: its newest message so far,
+ * the point a later catch-up starts from. */
+static void topic_synced(broker_fetch_t *f) {
+  hub_t *hub = f->ud;
+  hub_topic_t *t = hub ? hub_find(hub, f->topics[0].name, f->topics[0].len) : NULL;
+  if (t && t->fetching) {
+    t->fetching = 0;
+    if (!f->error && f->epoch == hub->epoch && f->topics[0].last > t->last_seq)
+      t->last_seq = f->topics[0].last;
+    else if (f->error && hub->broker_up) t->synced = 0; /* tried again at the next watch */
+  }
+  broker_fetch_free(f);
+}
+
+/* Reads what t missed while it was not watched; or, the first time it is
+ * watched, only where it stands. */
 static void topic_fetch(hub_t *hub, hub_topic_t *t) {
-  if (!t->catching_up || t->fetching || !t->watching || !hub->broker_up) return;
+  int sync = !t->synced;
+  if ((!t->catching_up && !sync) || t->fetching || !t->watching || !hub->broker_up) return;
   broker_fetch_t *f = fetch_new(1);
   if (!f || fetch_add_topic(f, t) != 0) {
     broker_fetch_free(f);
     return;
   }
+  if (sync) f->topics[0].cfg.history = 0;
   f->since = FETCH_AFTER;
   f->since_epoch = hub->epoch;
   f->since_seq = t->last_seq;
-  f->done = topic_fetched;
+  f->done = sync ? topic_synced : topic_fetched;
   f->ud = hub;
   t->fetching = 1;
+  t->synced = 1;
   hub->broker->ops->fetch(hub->broker, f);
 }
 
@@ -759,24 +780,29 @@ static void topic_fetch(hub_t *hub, hub_topic_t *t) {
  * Every topic that had messages tells its subscribers. */
 static void adopt_epoch(hub_t *hub, uint32_t epoch) {
   if (epoch == hub->epoch) return;
+  int first = !hub->epoch_known; /* this hub's own epoch was never the engine's */
   hub->epoch = epoch;
+  hub->epoch_known = 1;
+  if (first) return;
   for (unsigned i = 0; i < hub->nbuckets; i++)
     for (hub_topic_t *t = hub->buckets[i]; t; t = t->next_in_bucket) {
-      if (!t->last_seq) continue;
+      /* what the new epoch has had so far was missed: read it all */
+      if (t->last_seq || t->synced) gap_all(t);
       t->last_seq = 0;
-      t->catching_up = 0;
+      t->synced = 1;
+      t->catching_up = 1;
       drop_pending(t);
-      gap_all(t);
+      topic_fetch(hub, t);
     }
 }
 
 void hub_broker_connected(hub_t *hub, uint32_t epoch) {
-  adopt_epoch(hub, epoch);
   hub->broker_up = 1;
+  adopt_epoch(hub, epoch);
   for (unsigned i = 0; i < hub->nbuckets; i++)
     for (hub_topic_t *t = hub->buckets[i]; t; t = t->next_in_bucket) {
       t->watching = 0;
-      if (t->last_seq) t->catching_up = 1;
+      if (t->synced) t->catching_up = 1; /* from last_seq: what came while it was not watched */
       hub->broker->ops->watch(hub->broker, t->name, t->name_len);
     }
 }

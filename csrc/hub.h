@@ -102,6 +102,7 @@ struct hub {
   hub_stats_t stats;
   broker_t *broker;     /* NULL: the hub is its own engine */
   int broker_up;        /* the broker is connected */
+  int epoch_known;      /* epoch is the broker's (not the hub's own first one) */
 };
 
 hub_t *hub_new(uv_loop_t *loop);

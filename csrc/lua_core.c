@@ -28,14 +28,21 @@ const char *runtime_date(runtime_t *rt) {
   return rt->date;
 }
 
+/* Through the Lua logger (herald.on_error) when there is one to call. */
 void runtime_log(runtime_t *rt, const char *fmt, ...) {
-  (void)rt;
+  char msg[1024];
   va_list ap;
   va_start(ap, fmt);
-  fputs("herald: ", stderr);
-  vfprintf(stderr, fmt, ap);
-  fputc('\n', stderr);
+  vsnprintf(msg, sizeof msg, fmt, ap);
   va_end(ap);
+  lua_State *L = rt->lua;
+  if (L && !rt->closing && rt->on_error_ref != LUA_NOREF && lua_checkstack(L, 2)) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, rt->on_error_ref);
+    lua_pushstring(L, msg);
+    if (lua_pcall(L, 1, 0, 0) == LUA_OK) return;
+    lua_pop(L, 1);
+  }
+  fprintf(stderr, "herald: %s\n", msg);
 }
 
 static void on_flush(uv_prepare_t *h) {

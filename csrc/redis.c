@@ -394,7 +394,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     if (r->state == CONNECTING || r->state == DOWN) return;
   }
   char plain[16384];
-  int got;
+  int got = 0;
   unsigned gen = r->generation;
   while (gen == r->generation && r->ssl && (got = SSL_read(r->ssl, plain, sizeof plain)) > 0) {
     if (feed(r, plain, (size_t)got) != 0) return lose(r, "reply too large");

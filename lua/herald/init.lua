@@ -698,10 +698,12 @@ function app_methods:reload_tls()
   return self.server:reload_tls()
 end
 
---- Stops accepting; open connections finish their request and close.
+--- Stops accepting; open connections finish their request and close. The
+-- broker's connections close too.
 function app_methods:close()
   self.server:close()
   if self.presence_board then self.presence_board:close() end
+  if self.broker then self.broker:close() end
 end
 
 --- How many connections the app has open.
