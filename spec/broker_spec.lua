@@ -193,6 +193,10 @@ describe("broker (Redis)", function()
     end
     assert.same({ "ann", "bob", "cid" }, users(a))
     assert.same({ "ann", "bob", "cid" }, users(b))
+    -- and a message from this process reaches the other one's subscriber
+    local id = publish(a, "room", "hello cid")
+    cid:read_until("data: hello cid\n\n", 3)
+    assert.truthy(cid.buffer:find("id: " .. id .. "\n", 1, true))
 
     bob:close()
     t.sleep(100)
