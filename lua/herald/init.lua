@@ -269,6 +269,8 @@ end
 
 local function check_topic(topic, what, level)
   if type(topic) ~= "string" then error(what .. ": topic must be a string", level + 1) end
+  if #topic == 0 or #topic > 1024 then error(what .. ": topic must be 1 to 1024 bytes", level + 1) end
+  if topic:find("[%c\127]") then error(what .. ": topic must not contain control characters", level + 1) end
 end
 
 --- Runs auth for req. Returns the user (true when there is no auth), or
