@@ -233,8 +233,8 @@ static void topic_destroy(hub_topic_t *t) {
 /* A topic with no subscribers and no history costs nothing: its record goes,
  * and the hub remembers only that messages up to evicted_seq are gone. */
 static void topic_free_if_idle(hub_topic_t *t) {
-  if (t->nsubs || t->len || t->publishing) return;
   hub_t *hub = t->hub;
+  if (t->nsubs || t->len || t->publishing || hub->walking) return; /* the sweeper comes back */
   uint64_t *slot = forgotten_slot(hub, t->hash);
   if (t->evicted_seq > *slot) *slot = t->evicted_seq;
   hub_topic_t **p = &hub->buckets[t->hash & (hub->nbuckets - 1)];
@@ -784,6 +784,7 @@ static void adopt_epoch(hub_t *hub, uint32_t epoch) {
   hub->epoch = epoch;
   hub->epoch_known = 1;
   if (first) return;
+  hub->walking++; /* a gap that closes a conn must not free the topics walked */
   for (unsigned i = 0; i < hub->nbuckets; i++)
     for (hub_topic_t *t = hub->buckets[i]; t; t = t->next_in_bucket) {
       /* what the new epoch has had so far was missed: read it all */
@@ -794,6 +795,7 @@ static void adopt_epoch(hub_t *hub, uint32_t epoch) {
       drop_pending(t);
       topic_fetch(hub, t);
     }
+  hub->walking--;
 }
 
 void hub_broker_connected(hub_t *hub, uint32_t epoch) {

@@ -103,6 +103,7 @@ struct hub {
   broker_t *broker;     /* NULL: the hub is its own engine */
   int broker_up;        /* the broker is connected */
   int epoch_known;      /* epoch is the broker's (not the hub's own first one) */
+  unsigned walking;     /* inside a walk over every topic: none is freed meanwhile */
 };
 
 hub_t *hub_new(uv_loop_t *loop);
