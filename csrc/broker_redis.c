@@ -9,7 +9,9 @@
 
 /* KEYS: seq, epoch, stream, last, channel.
  * ARGV: a new epoch (used when Redis has none), event, data, history count,
- * how long the stream and last id stay (ms). */
+ * how long the stream and last id stay (ms), max age (ms, 0: none).
+ * Entries older than max age go at the next publishes, a few at a time (the
+ * read filters them too); the count bound is MAXLEN's. */
 static const char PUBLISH_SCRIPT[] =
     "local epoch = redis.call('GET', KEYS[2])\n"
     "if not epoch then epoch = ARGV[1]; redis.call('SET', KEYS[2], epoch) end\n"
@@ -19,6 +21,15 @@ static const char PUBLISH_SCRIPT[] =
     "local prev = redis.call('GET', KEYS[4]) or '0'\n"
     "redis.call('SET', KEYS[4], seq, 'PX', ARGV[5])\n"
     "if tonumber(ARGV[4]) > 0 then\n"
+    "  local max_age = tonumber(ARGV[6])\n"
+    "  if max_age > 0 then\n"
+    "    local keep\n"
+    "    for _, e in ipairs(redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 16)) do\n"
+    "      if now - tonumber(e[2][6]) <= max_age then break end\n"
+    "      keep = (tonumber(string.match(e[1], '^%d+')) + 1) .. '-0'\n"
+    "    end\n"
+    "    if keep then redis.call('XTRIM', KEYS[3], 'MINID', keep) end\n"
+    "  end\n"
     "  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], seq .. '-0',\n"
     "             'e', ARGV[2], 'd', ARGV[3], 't', now, 'p', prev)\n"
     "  redis.call('PEXPIRE', KEYS[3], ARGV[5])\n"
@@ -283,17 +294,18 @@ static int op_publish(broker_t *b, const char *topic, size_t len, const hub_topi
       make_key(rb, "h:", topic, len, &stream) || make_key(rb, "last:", topic, len, &last) ||
       make_key(rb, "ch:", topic, len, &channel))
     goto out;
-  char fresh[9], history[16], ttl[24];
+  char fresh[9], history[16], ttl[24], max_age[24];
   new_epoch(fresh);
   snprintf(history, sizeof history, "%u", cfg->history);
   uint64_t keep = cfg->max_age_ms > rb->topic_ttl_ms ? cfg->max_age_ms : rb->topic_ttl_ms;
   snprintf(ttl, sizeof ttl, "%" PRIu64, keep);
+  snprintf(max_age, sizeof max_age, "%" PRIu64, cfg->max_age_ms);
   const char *argv[] = {"EVALSHA", rb->publish_sha, "5", seq.s, epoch.s, stream.s, last.s,
-                        channel.s, fresh, event ? event : "", data, history, ttl};
+                        channel.s, fresh, event ? event : "", data, history, ttl, max_age};
   size_t lens[] = {7, 40, 1, seq.len, epoch.len, stream.len, last.len, channel.len, 8,
-                   event ? strlen(event) : 0, data_len, strlen(history), strlen(ttl)};
+                   event ? strlen(event) : 0, data_len, strlen(history), strlen(ttl), strlen(max_age)};
   *call = (publish_call_t){rb, done, ud};
-  rc = redis_command(rb->cmd, 13, argv, lens, on_published, call);
+  rc = redis_command(rb->cmd, 14, argv, lens, on_published, call);
   if (rc == 0) {
     rb->pending++;
     call = NULL;
