@@ -122,7 +122,8 @@ FUZZ_CFLAGS  := -std=c11 -g -O1 -fno-omit-frame-pointer -fsanitize=address,undef
                 -fno-sanitize-recover=undefined -fsanitize=fuzzer-no-link $(FUZZ_EXTRA_CFLAGS) \
                 -I$(LLHTTP_H) $(UV_INC)
 FUZZ_HARNESS_CFLAGS := $(FUZZ_CFLAGS) -D_GNU_SOURCE -iquote csrc -Wall -Wextra -Werror
-FUZZ_OBJS    := $(patsubst csrc/%.c,$(FUZZ_BUILD)/obj/%.o,$(filter-out csrc/lua_%.c,$(SRCS))) \
+# The Lua bindings and the Redis broker take no input from clients: not linked.
+FUZZ_OBJS    := $(patsubst csrc/%.c,$(FUZZ_BUILD)/obj/%.o,$(filter-out csrc/lua_%.c csrc/redis.c csrc/broker_redis.c,$(SRCS))) \
                 $(LLHTTP_SRCS:$(LLHTTP)/%.c=$(FUZZ_BUILD)/obj/llhttp-%.o) $(FUZZ_BUILD)/obj/harness.o
 FUZZ_BINS    := $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/%)
 

@@ -31,6 +31,8 @@ typedef struct conn_proto {
   /* A hub message for a subscribed conn; NULL while the protocol cannot
    * take messages (HTTP: the stream is still opening). */
   void (*deliver)(conn_t *c, hub_msg_t *m);
+  /* Messages of topic newer than what the client last saw were lost. */
+  void (*gap)(conn_t *c, const char *topic, size_t len);
 } conn_proto_t;
 
 typedef struct out_item {

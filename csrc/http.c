@@ -238,6 +238,8 @@ int http_awaiting_response(const conn_t *c) {
   return c->http && !c->http_done && c->http->responses < c->http->requests && !c->closing;
 }
 
+static int finish_message(conn_t *c);
+
 static int on_message_complete(llhttp_t *p) {
   conn_t *c = CONN(p);
   http_conn_t *h = c->http;
@@ -261,8 +263,27 @@ static int on_message_complete(llhttp_t *p) {
   };
   h->head_request = p->method == HTTP_HEAD;
   h->requests++;
+  h->in_handler = 1;
   if (c->server->on_request) c->server->on_request(c, &req, c->server->ud);
+  h->in_handler = 0;
   if (c->closing || c->proto != &http_proto) return HPE_PAUSED;
+  if (h->deferred && http_awaiting_response(c)) {
+    conn_set_timer(c, c->server->limits.idle_timeout_ms);
+    return HPE_PAUSED; /* http_respond finishes the message */
+  }
+  h->deferred = 0;
+  return finish_message(c);
+}
+
+int http_defer(conn_t *c) {
+  if (!http_awaiting_response(c) || !c->http->in_handler) return -1;
+  c->http->deferred = 1;
+  return 0;
+}
+
+/* The request is answered: on to the next one, or the close. */
+static int finish_message(conn_t *c) {
+  http_conn_t *h = c->http;
   if (http_awaiting_response(c)) {
     static const char text[] = "the handler did not answer\n";
     http_respond(c, 500, NULL, 0, text, sizeof text - 1, NULL);
@@ -411,6 +432,11 @@ int http_respond(conn_t *c, int status, const http_header_t *headers, size_t nhe
   }
   h->responses++;
   if (close) h->close_after = 1;
+  if (h->deferred && !h->in_handler) {
+    /* A deferred answer: reading resumes once it is written (on_writable). */
+    h->deferred = 0;
+    finish_message(c);
+  }
   return 0;
 }
 

@@ -22,7 +22,9 @@ typedef struct http_conn {
   size_t body_at_timer;   /* body bytes when the request timer was last restarted */
   unsigned nheaders;
   unsigned in_message : 1, headers_done : 1, expect_continue : 1, keep_alive : 1,
-      head_request : 1, close_after : 1;
+      head_request : 1, close_after : 1,
+      in_handler : 1, /* the server's on_request runs */
+      deferred : 1;   /* the handler answers later (http_defer) */
   uint16_t fail_status;   /* the 4xx a parser callback found, answered after execute */
   unsigned requests, responses; /* dispatched and answered: answers go in order */
   char *pending;          /* unparsed input kept while input is paused */
@@ -71,5 +73,8 @@ const char *http_reason(int status);
 
 /* True while a request has been dispatched and not yet answered. */
 int http_awaiting_response(const conn_t *c);
+/* Called by a handler that will answer after it returns (from a callback):
+ * the conn reads nothing more until then; the idle timeout bounds the wait. */
+int http_defer(conn_t *c);
 
 #endif

@@ -7,6 +7,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "broker.h"
 #include "conn.h"
 #include "server.h"
 
@@ -23,6 +24,14 @@ struct hub_topic {
   hub_msg_t **ring;     /* history, oldest at ring[head] */
   unsigned ring_cap, head, len;
   uint64_t evicted_seq; /* newest message of this topic no longer in its history */
+  /* With a broker: */
+  uint64_t last_seq;    /* the newest message delivered here */
+  unsigned watching : 1;    /* the engine delivers this topic's messages to us */
+  unsigned catching_up : 1; /* reading what was missed while it did not */
+  unsigned fetching : 1;
+  unsigned synced : 1;      /* knows the topic's newest message as of its first watch */
+  hub_msg_t **pending;  /* live messages that came during the catch-up */
+  unsigned npending, pending_cap;
   size_t name_len;
   char name[];
 };
@@ -62,20 +71,60 @@ static hub_msg_t *msg_new(hub_t *hub, const char *topic, size_t topic_len, const
   return m;
 }
 
+hub_msg_t *hub_msg_make(const char *topic, size_t topic_len, uint64_t seq, uint64_t time_ms,
+                        const char *event, size_t event_len, const char *data, size_t data_len) {
+  hub_msg_t *m = malloc(sizeof *m + data_len + 1 + topic_len + 1);
+  if (!m) return NULL;
+  *m = (hub_msg_t){.refs = 1, .seq = seq, .time_ms = time_ms, .topic_len = topic_len,
+                   .data_len = data_len};
+  if (event && !(m->event = malloc(event_len + 1))) {
+    free(m);
+    return NULL;
+  }
+  if (event) {
+    memcpy(m->event, event, event_len);
+    m->event[event_len] = '\0';
+  }
+  if (data_len) memcpy(m->data, data, data_len);
+  m->data[data_len] = '\0';
+  char *name = m->data + data_len + 1;
+  memcpy(name, topic, topic_len);
+  name[topic_len] = '\0';
+  m->topic = name;
+  return m;
+}
+
 void hub_format_id(const hub_t *hub, uint64_t seq, char *buf) {
   snprintf(buf, HUB_ID_SIZE, "%08" PRIx32 "-%" PRIu64, hub->epoch, seq);
+}
+
+int hub_parse_id(const char *id, uint32_t *epoch, uint64_t *seq) {
+  uint32_t e = 0;
+  for (int i = 0; i < 8; i++) {
+    char ch = id[i];
+    if (ch >= '0' && ch <= '9') e = e << 4 | (uint32_t)(ch - '0');
+    else if (ch >= 'a' && ch <= 'f') e = e << 4 | (uint32_t)(ch - 'a' + 10);
+    else return -1;
+  }
+  const char *p = id + 9;
+  if (id[8] != '-' || *p < '1' || *p > '9') return -1; /* canonical: no sign, no leading 0 */
+  uint64_t n = 0;
+  for (; *p >= '0' && *p <= '9'; p++) {
+    if (n > (UINT64_MAX - (uint64_t)(*p - '0')) / 10) return -1;
+    n = n * 10 + (uint64_t)(*p - '0');
+  }
+  if (*p) return -1;
+  *epoch = e;
+  *seq = n;
+  return 0;
 }
 
 /* The sequence of one of this hub's ids; 0 when the id is not one of ours
  * (another epoch, or not an id at all). */
 static uint64_t parse_id(const hub_t *hub, const char *id) {
-  char *end;
-  if (strlen(id) < 10 || id[8] != '-') return 0;
-  unsigned long long epoch = strtoull(id, &end, 16);
-  if (end != id + 8 || epoch != hub->epoch) return 0;
-  if (id[9] < '0' || id[9] > '9') return 0;
-  unsigned long long seq = strtoull(id + 9, &end, 10);
-  if (*end || seq > hub->seq) return 0;
+  uint32_t epoch;
+  uint64_t seq;
+  if (hub_parse_id(id, &epoch, &seq) != 0 || epoch != hub->epoch || seq > hub->seq) return 0;
   return seq;
 }
 
@@ -125,11 +174,12 @@ static void evict_oldest(hub_topic_t *t) {
 
 static void apply_config(hub_topic_t *t, const hub_topic_config_t *cfg) {
   t->cfg = *cfg;
-  if (cfg->history == t->ring_cap) return;
-  while (t->len > cfg->history) evict_oldest(t);
+  unsigned history = t->hub->broker ? 0 : cfg->history; /* a broker keeps it */
+  if (history == t->ring_cap) return;
+  while (t->len > history) evict_oldest(t);
   hub_msg_t **ring = NULL;
-  if (cfg->history) {
-    ring = calloc(cfg->history, sizeof *ring);
+  if (history) {
+    ring = calloc(history, sizeof *ring);
     if (!ring) { /* keep the old ring; the count bound applies on the next resize */
       t->cfg.history = t->ring_cap;
       return;
@@ -138,7 +188,7 @@ static void apply_config(hub_topic_t *t, const hub_topic_config_t *cfg) {
   }
   free(t->ring);
   t->ring = ring;
-  t->ring_cap = cfg->history;
+  t->ring_cap = history;
   t->head = 0;
 }
 
@@ -163,22 +213,36 @@ static hub_topic_t *topic_get(hub_t *hub, const char *name, size_t len,
   t->next_in_bucket = *b;
   *b = t;
   hub->ntopics++;
+  if (hub->broker && hub->broker_up) hub->broker->ops->watch(hub->broker, name, len);
   return t;
+}
+
+static void drop_pending(hub_topic_t *t) {
+  for (unsigned i = 0; i < t->npending; i++) hub_msg_unref(t->pending[i]);
+  free(t->pending);
+  t->pending = NULL;
+  t->npending = t->pending_cap = 0;
+}
+
+static void topic_destroy(hub_topic_t *t) {
+  drop_pending(t);
+  free(t->ring);
+  free(t);
 }
 
 /* A topic with no subscribers and no history costs nothing: its record goes,
  * and the hub remembers only that messages up to evicted_seq are gone. */
 static void topic_free_if_idle(hub_topic_t *t) {
-  if (t->nsubs || t->len || t->publishing) return;
   hub_t *hub = t->hub;
+  if (t->nsubs || t->len || t->publishing || hub->walking) return; /* the sweeper comes back */
   uint64_t *slot = forgotten_slot(hub, t->hash);
   if (t->evicted_seq > *slot) *slot = t->evicted_seq;
   hub_topic_t **p = &hub->buckets[t->hash & (hub->nbuckets - 1)];
   while (*p != t) p = &(*p)->next_in_bucket;
   *p = t->next_in_bucket;
   hub->ntopics--;
-  free(t->ring);
-  free(t);
+  if (hub->broker && hub->broker_up) hub->broker->ops->unwatch(hub->broker, t->name, t->name_len);
+  topic_destroy(t);
 }
 
 static void expire(hub_topic_t *t, uint64_t now) {
@@ -260,6 +324,12 @@ static void free_held(hub_member_t *m) {
   m->nheld = m->held_cap = 0;
 }
 
+static void forget_fetch(hub_member_t *m) {
+  if (m->fetch) m->fetch->ud = NULL; /* the broker's reply finds nobody */
+  m->fetch = NULL;
+  m->awaiting = 0;
+}
+
 static void on_hub_timer_closed(uv_handle_t *h) {
   free(h->data);
 }
@@ -273,13 +343,14 @@ void hub_free(hub_t *hub) {
         unlink_sub(t->subs);
         if (!c->member.subs) {
           free_held(&c->member);
+          forget_fetch(&c->member);
           c->member.hub = NULL;
         }
       }
       while (t->len) evict_oldest(t);
-      free(t->ring);
-      free(t);
+      topic_destroy(t);
     }
+  if (hub->broker) hub->broker->hub = NULL;
   free(hub->buckets);
   uv_close((uv_handle_t *)&hub->sweeper, on_hub_timer_closed);
 }
@@ -300,9 +371,10 @@ static int hold(hub_member_t *m, hub_msg_t *msg, hbuf_t *direct) {
   return 0;
 }
 
-/* A conn whose transport does not take deliveries yet is still opening. */
+/* A conn whose transport does not take deliveries yet is still opening;
+ * one waiting for its history from the broker too. */
 static int is_open(const conn_t *c) {
-  return c->proto && c->proto->deliver != NULL;
+  return c->proto && c->proto->deliver != NULL && !c->member.awaiting;
 }
 
 int hub_member_send(conn_t *c, hbuf_t *b) {
@@ -363,6 +435,7 @@ void hub_member_release(conn_t *c) {
     topic_free_if_idle(t);
   }
   free_held(m);
+  forget_fetch(m);
   m->hub = NULL;
 }
 
@@ -407,6 +480,19 @@ void hub_member_catch_up(conn_t *c) {
   }
 }
 
+/* msg to every subscriber of t; returns how many. t stays (free it after). */
+static unsigned fan_out(hub_t *hub, hub_topic_t *t, hub_msg_t *msg) {
+  unsigned reached = 0;
+  t->publishing++;
+  for (hub_sub_t *s = t->subs, *next; s; s = next) {
+    next = s->next_in_topic; /* a slow conn's close unlinks s, only s */
+    deliver(hub, s, msg);
+    reached++;
+  }
+  t->publishing--;
+  return reached;
+}
+
 uint64_t hub_publish(hub_t *hub, const char *name, size_t len, const hub_topic_config_t *cfg,
                      const char *event, const char *data, size_t data_len, unsigned *reached) {
   *reached = 0;
@@ -431,13 +517,7 @@ uint64_t hub_publish(hub_t *hub, const char *name, size_t len, const hub_topic_c
   } else {
     t->evicted_seq = msg->seq;
   }
-  t->publishing++;
-  for (hub_sub_t *s = t->subs, *next; s; s = next) {
-    next = s->next_in_topic; /* a slow conn's close unlinks s, only s */
-    deliver(hub, s, msg);
-    (*reached)++;
-  }
-  t->publishing--;
+  *reached = fan_out(hub, t, msg);
   topic_free_if_idle(t);
   hub_msg_unref(msg); /* the history's reference, if any, keeps it */
   return seq;
@@ -474,14 +554,52 @@ static int lost_since(hub_t *hub, const hub_topic_t *t, const char *name, size_t
   return (t ? t->evicted_seq : *forgotten_slot(hub, hash_name(name, len))) > since;
 }
 
-int hub_member_start(conn_t *c, const char *last_id, hub_gap_fn gap) {
+/* Delivers the replay in r and what was held while the stream opened, in
+ * id order and once each, then the held direct sends: the stream is open. */
+static int start_with(conn_t *c, replay_t *r) {
   hub_member_t *m = &c->member;
   hub_t *hub = m->hub;
   hub_member_t held = *m; /* taken over: a close on the way frees only what is ours */
   m->held = NULL;
   m->nheld = m->held_cap = 0;
-  replay_t r = {0};
   int rc = 0;
+  for (unsigned i = 0; i < held.nheld && rc == 0; i++)
+    if (held.held[i].msg) rc = replay_add(r, held.held[i].msg);
+  if (r->n > 1) qsort(r->msgs, r->n, sizeof *r->msgs, by_seq);
+  uint64_t delivered = 0; /* the previous seq: each message once */
+  for (size_t i = 0; i < r->n; i++) {
+    if (!c->closing && rc == 0 && (i == 0 || r->msgs[i]->seq != delivered)) {
+      delivered = r->msgs[i]->seq;
+      c->proto->deliver(c, r->msgs[i]);
+      if (hub) hub->stats.delivered++;
+    }
+    hub_msg_unref(r->msgs[i]);
+  }
+  for (unsigned i = 0; i < held.nheld && !c->closing && rc == 0; i++)
+    if (held.held[i].direct) conn_send(c, held.held[i].direct);
+  free(r->msgs);
+  free_held(&held);
+  return rc;
+}
+
+static void gap(conn_t *c, const hub_topic_t *t) {
+  if (!c->closing && c->proto->gap) c->proto->gap(c, t->name, t->name_len);
+}
+
+static void member_fetch(conn_t *c);
+
+int hub_member_start(conn_t *c, const char *last_id) {
+  hub_member_t *m = &c->member;
+  hub_t *hub = m->hub;
+  replay_t r = {0};
+  if (hub && last_id && hub->broker) {
+    m->awaiting = 1;
+    m->since_all = last_id[0] == '\0';
+    if (!m->since_all && hub_parse_id(last_id, &m->since_epoch, &m->since_seq) != 0)
+      m->since_seq = 0; /* not an id: treated as one from another epoch */
+    member_fetch(c);
+    return 0;
+  }
   if (hub && last_id) {
     /* "": all the history holds, asked for by the app; no gap to report */
     int everything = last_id[0] == '\0';
@@ -492,27 +610,250 @@ int hub_member_start(conn_t *c, const char *last_id, hub_gap_fn gap) {
       hub_topic_t *t = s->topic;
       expire(t, now);
       if (unknown || (!everything && lost_since(hub, t, NULL, 0, since))) gap(c, t);
-      for (unsigned i = 0; i < t->len && rc == 0; i++) {
+      for (unsigned i = 0; i < t->len; i++) {
         hub_msg_t *msg = t->ring[(t->head + i) % t->ring_cap];
-        if (msg->seq > since) rc = replay_add(&r, msg);
+        if (msg->seq > since && replay_add(&r, msg) != 0) {
+          for (size_t k = 0; k < r.n; k++) hub_msg_unref(r.msgs[k]);
+          free(r.msgs);
+          return -1; /* out of memory: the caller closes c */
+        }
       }
     }
   }
-  for (unsigned i = 0; i < held.nheld && rc == 0; i++)
-    if (held.held[i].msg) rc = replay_add(&r, held.held[i].msg);
+  return start_with(c, &r);
+}
+
+/* ---- with a broker ---- */
+
+void broker_fetch_free(broker_fetch_t *f) {
+  if (!f) return;
+  for (size_t i = 0; i < f->ntopics; i++) {
+    for (size_t k = 0; k < f->topics[i].n; k++) hub_msg_unref(f->topics[i].msgs[k]);
+    free(f->topics[i].msgs);
+    free(f->topics[i].name);
+  }
+  free(f->topics);
+  free(f);
+}
+
+static broker_fetch_t *fetch_new(size_t ntopics) {
+  broker_fetch_t *f = calloc(1, sizeof *f);
+  if (f && ntopics && !(f->topics = calloc(ntopics, sizeof *f->topics))) {
+    free(f);
+    return NULL;
+  }
+  return f;
+}
+
+static int fetch_add_topic(broker_fetch_t *f, const hub_topic_t *t) {
+  broker_fetch_topic_t *ft = &f->topics[f->ntopics];
+  if (!(ft->name = malloc(t->name_len + 1))) return -1;
+  memcpy(ft->name, t->name, t->name_len + 1);
+  ft->len = t->name_len;
+  ft->cfg = t->cfg;
+  f->ntopics++;
+  return 0;
+}
+
+static void member_fetched(broker_fetch_t *f) {
+  conn_t *c = f->ud;
+  if (!c) return broker_fetch_free(f); /* the conn went meanwhile */
+  hub_member_t *m = &c->member;
+  m->fetch = NULL;
+  if (f->error && !m->hub->broker_up) return broker_fetch_free(f); /* again once it is back */
+  m->awaiting = 0;
+  if (f->error) runtime_log(c->rt, "broker: reading history for a resume failed: %s", f->error);
+  replay_t r = {0};
+  int rc = 0;
+  for (size_t i = 0; i < f->ntopics && !c->closing; i++) {
+    broker_fetch_topic_t *ft = &f->topics[i];
+    if ((f->error || ft->lost) && !m->since_all && c->proto->gap) c->proto->gap(c, ft->name, ft->len);
+    for (size_t k = 0; k < ft->n && rc == 0; k++) rc = replay_add(&r, ft->msgs[k]);
+  }
+  broker_fetch_free(f);
+  if (start_with(c, &r) != 0 || rc != 0) conn_close(c);
+}
+
+/* Asks the broker for a resuming conn's history once every topic it joined
+ * is watched: a message published after the read is then sure to come live. */
+static void member_fetch(conn_t *c) {
+  hub_member_t *m = &c->member;
+  hub_t *hub = m->hub;
+  if (!m->awaiting || m->fetch || !hub->broker_up || c->closing) return;
+  size_t n = 0;
+  for (hub_sub_t *s = m->subs; s; s = s->next_in_conn, n++)
+    if (!s->topic->watching) return;
+  broker_fetch_t *f = fetch_new(n);
+  for (hub_sub_t *s = m->subs; f && s; s = s->next_in_conn)
+    if (fetch_add_topic(f, s->topic) != 0) {
+      broker_fetch_free(f);
+      f = NULL;
+    }
+  if (!f) return conn_close(c);
+  f->since = m->since_all ? FETCH_ALL : m->since_seq ? FETCH_AFTER : FETCH_UNKNOWN;
+  f->since_epoch = m->since_epoch;
+  f->since_seq = m->since_seq;
+  f->done = member_fetched;
+  f->ud = c;
+  m->fetch = f;
+  hub->broker->ops->fetch(hub->broker, f);
+}
+
+static void gap_all(hub_topic_t *t) {
+  t->publishing++;
+  for (hub_sub_t *s = t->subs, *next; s; s = next) {
+    next = s->next_in_topic;
+    if (is_open(s->conn)) gap(s->conn, t);
+  }
+  t->publishing--;
+}
+
+/* Delivers live messages of t newer than the last one delivered. */
+static void deliver_newer(hub_t *hub, hub_topic_t *t, hub_msg_t *msg) {
+  if (msg->seq <= t->last_seq) return;
+  t->last_seq = msg->seq;
+  fan_out(hub, t, msg);
+}
+
+static void topic_fetched(broker_fetch_t *f) {
+  hub_t *hub = f->ud;
+  hub_topic_t *t = hub ? hub_find(hub, f->topics[0].name, f->topics[0].len) : NULL;
+  if (!t || !t->fetching) return broker_fetch_free(f);
+  t->fetching = 0;
+  if (f->error && !hub->broker_up) return broker_fetch_free(f);
+  replay_t r = {0};
+  int rc = 0;
+  for (size_t k = 0; k < f->topics[0].n && rc == 0; k++) rc = replay_add(&r, f->topics[0].msgs[k]);
+  for (unsigned i = 0; i < t->npending && rc == 0; i++) rc = replay_add(&r, t->pending[i]);
+  int lost = f->error || f->topics[0].lost || rc;
+  broker_fetch_free(f);
+  drop_pending(t);
+  t->catching_up = 0;
+  t->publishing++;
+  if (lost) gap_all(t);
   if (r.n > 1) qsort(r.msgs, r.n, sizeof *r.msgs, by_seq);
   for (size_t i = 0; i < r.n; i++) {
-    if (!c->closing && rc == 0 && (i == 0 || r.msgs[i]->seq != r.msgs[i - 1]->seq)) {
-      c->proto->deliver(c, r.msgs[i]);
-      if (hub) hub->stats.delivered++;
-    }
+    deliver_newer(hub, t, r.msgs[i]);
     hub_msg_unref(r.msgs[i]);
   }
-  for (unsigned i = 0; i < held.nheld && !c->closing && rc == 0; i++)
-    if (held.held[i].direct) conn_send(c, held.held[i].direct);
   free(r.msgs);
-  free_held(&held);
-  return rc;
+  t->publishing--;
+  topic_free_if_idle(t);
+}
+
+/* A topic newly watched learns where it stands: its newest message so far,
+ * the point a later catch-up starts from. */
+static void topic_synced(broker_fetch_t *f) {
+  hub_t *hub = f->ud;
+  hub_topic_t *t = hub ? hub_find(hub, f->topics[0].name, f->topics[0].len) : NULL;
+  if (t && t->fetching) {
+    t->fetching = 0;
+    if (!f->error && f->epoch == hub->epoch && f->topics[0].last > t->last_seq)
+      t->last_seq = f->topics[0].last;
+    else if (f->error && hub->broker_up) t->synced = 0; /* tried again at the next watch */
+  }
+  broker_fetch_free(f);
+}
+
+/* Reads what t missed while it was not watched; or, the first time it is
+ * watched, only where it stands. */
+static void topic_fetch(hub_t *hub, hub_topic_t *t) {
+  int sync = !t->synced;
+  if ((!t->catching_up && !sync) || t->fetching || !t->watching || !hub->broker_up) return;
+  broker_fetch_t *f = fetch_new(1);
+  if (!f || fetch_add_topic(f, t) != 0) {
+    broker_fetch_free(f);
+    return;
+  }
+  if (sync) f->topics[0].cfg.history = 0;
+  f->since = FETCH_AFTER;
+  f->since_epoch = hub->epoch;
+  f->since_seq = t->last_seq;
+  f->done = sync ? topic_synced : topic_fetched;
+  f->ud = hub;
+  t->fetching = 1;
+  t->synced = 1;
+  hub->broker->ops->fetch(hub->broker, f);
+}
+
+/* The engine's messages now have another epoch: its history was lost.
+ * Every topic that had messages tells its subscribers. */
+static void adopt_epoch(hub_t *hub, uint32_t epoch) {
+  if (epoch == hub->epoch) return;
+  int first = !hub->epoch_known; /* this hub's own epoch was never the engine's */
+  hub->epoch = epoch;
+  hub->epoch_known = 1;
+  if (first) return;
+  hub->walking++; /* a gap that closes a conn must not free the topics walked */
+  for (unsigned i = 0; i < hub->nbuckets; i++)
+    for (hub_topic_t *t = hub->buckets[i]; t; t = t->next_in_bucket) {
+      /* what the new epoch has had so far was missed: read it all */
+      if (t->last_seq || t->synced) gap_all(t);
+      t->last_seq = 0;
+      t->synced = 1;
+      t->catching_up = 1;
+      drop_pending(t);
+      topic_fetch(hub, t);
+    }
+  hub->walking--;
+}
+
+void hub_broker_connected(hub_t *hub, uint32_t epoch) {
+  hub->broker_up = 1;
+  adopt_epoch(hub, epoch);
+  for (unsigned i = 0; i < hub->nbuckets; i++)
+    for (hub_topic_t *t = hub->buckets[i]; t; t = t->next_in_bucket) {
+      t->watching = 0;
+      if (t->synced) t->catching_up = 1; /* from last_seq: what came while it was not watched */
+      hub->broker->ops->watch(hub->broker, t->name, t->name_len);
+    }
+}
+
+void hub_broker_lost(hub_t *hub) {
+  hub->broker_up = 0;
+  for (unsigned i = 0; i < hub->nbuckets; i++)
+    for (hub_topic_t *t = hub->buckets[i]; t; t = t->next_in_bucket) t->watching = 0;
+}
+
+void hub_broker_watching(hub_t *hub, const char *name, size_t len) {
+  hub_topic_t *t = hub_find(hub, name, len);
+  if (!t || t->watching) return;
+  t->watching = 1;
+  topic_fetch(hub, t);
+  t->publishing++;
+  for (hub_sub_t *s = t->subs, *next; s; s = next) {
+    next = s->next_in_topic;
+    member_fetch(s->conn);
+  }
+  t->publishing--;
+  topic_free_if_idle(t);
+}
+
+void hub_broker_message(hub_t *hub, hub_msg_t *msg, uint32_t epoch) {
+  adopt_epoch(hub, epoch);
+  hub_topic_t *t = hub_find(hub, msg->topic, msg->topic_len);
+  if (t && t->catching_up) {
+    if (t->npending == t->pending_cap) {
+      unsigned cap = t->pending_cap ? t->pending_cap * 2 : 16;
+      hub_msg_t **p = cap <= HUB_MAX_PENDING ? realloc(t->pending, cap * sizeof *p) : NULL;
+      if (!p) { /* too much while catching up: the subscribers hear of a gap */
+        hub_msg_unref(msg);
+        drop_pending(t);
+        t->catching_up = 0;
+        gap_all(t);
+        return;
+      }
+      t->pending = p;
+      t->pending_cap = cap;
+    }
+    t->pending[t->npending++] = msg;
+    return;
+  }
+  if (t) {
+    deliver_newer(hub, t, msg);
+    topic_free_if_idle(t);
+  }
+  hub_msg_unref(msg);
 }
 
 int hub_history(hub_t *hub, const char *name, size_t len, const char *since_id,

@@ -13,9 +13,13 @@
 
 typedef struct conn conn_t;
 typedef struct hub hub_t;
+typedef struct broker broker_t;
+typedef struct broker_fetch broker_fetch_t;
 typedef struct hub_topic hub_topic_t;
 
 #define HUB_FORGOTTEN_SLOTS 4096
+/* Live messages a topic keeps while it catches up on a broker's history. */
+#define HUB_MAX_PENDING 65536
 
 /* Longest topic name and event name accepted. */
 #define HUB_MAX_TOPIC 1024
@@ -62,6 +66,12 @@ typedef struct hub_member {
   unsigned nconflated;  /* subscriptions holding a conflated message */
   hub_held_t *held;     /* deliveries while the stream is being opened */
   unsigned nheld, held_cap;
+  /* With a broker, a resuming stream waits for its history: */
+  unsigned awaiting : 1;   /* deliveries are held until it arrives */
+  unsigned since_all : 1;  /* all the history holds, or after since_epoch-since_seq */
+  uint32_t since_epoch;
+  uint64_t since_seq;
+  broker_fetch_t *fetch;   /* the read under way */
 } hub_member_t;
 
 typedef struct hub_topic_config {
@@ -90,6 +100,10 @@ struct hub {
   unsigned max_subscriptions; /* per conn */
   size_t max_queued;    /* per conn: bytes queued past which a conn is slow */
   hub_stats_t stats;
+  broker_t *broker;     /* NULL: the hub is its own engine */
+  int broker_up;        /* the broker is connected */
+  int epoch_known;      /* epoch is the broker's (not the hub's own first one) */
+  unsigned walking;     /* inside a walk over every topic: none is freed meanwhile */
 };
 
 hub_t *hub_new(uv_loop_t *loop);
@@ -113,11 +127,12 @@ void hub_member_release(conn_t *c);
 int hub_member_send(conn_t *c, hbuf_t *b);
 
 /* Starts a conn's stream: answers what it missed since last_id (NULL: no
- * resume; "": everything in history, no gap) on every topic it joined, merged in id order with the deliveries
- * held while it opened, then the held direct sends. gap(c, topic) is called
- * first for each topic where messages were lost. */
-typedef void (*hub_gap_fn)(conn_t *c, const hub_topic_t *topic);
-int hub_member_start(conn_t *c, const char *last_id, hub_gap_fn gap);
+ * resume; "": everything in history, no gap) on every topic it joined,
+ * merged in id order with the deliveries held while it opened, then the
+ * held direct sends. The transport's gap() is called first for each topic
+ * where messages were lost. With a broker the history is read from it, and
+ * the stream starts when it arrives. */
+int hub_member_start(conn_t *c, const char *last_id);
 
 /* A slow conn drained below its bound: send what conflation held back. */
 void hub_member_catch_up(conn_t *c);

@@ -46,6 +46,7 @@ http_header_t *bind_check_headers(lua_State *L, int idx, size_t *n);
 
 void bind_hub_open(lua_State *L, int runtime_idx);
 void bind_ws_open(lua_State *L, int runtime_idx);
+void bind_broker_open(lua_State *L, int runtime_idx);
 void bind_workers_open(lua_State *L, int runtime_idx);
 
 /* herald.run's loop on thread L: serves until stop() or SIGINT/SIGTERM,

@@ -28,14 +28,21 @@ const char *runtime_date(runtime_t *rt) {
   return rt->date;
 }
 
+/* Through the Lua logger (herald.on_error) when there is one to call. */
 void runtime_log(runtime_t *rt, const char *fmt, ...) {
-  (void)rt;
+  char msg[1024];
   va_list ap;
   va_start(ap, fmt);
-  fputs("herald: ", stderr);
-  vfprintf(stderr, fmt, ap);
-  fputc('\n', stderr);
+  vsnprintf(msg, sizeof msg, fmt, ap);
   va_end(ap);
+  lua_State *L = rt->lua;
+  if (L && !rt->closing && rt->on_error_ref != LUA_NOREF && lua_checkstack(L, 2)) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, rt->on_error_ref);
+    lua_pushstring(L, msg);
+    if (lua_pcall(L, 1, 0, 0) == LUA_OK) return;
+    lua_pop(L, 1);
+  }
+  fprintf(stderr, "herald: %s\n", msg);
 }
 
 static void on_flush(uv_prepare_t *h) {
@@ -194,6 +201,15 @@ static void on_tick(uv_timer_t *t) {
   (void)t;
 }
 
+void runtime_run_once(runtime_t *rt, void *L, int64_t timeout_ms) {
+  void *outer = rt->lua;
+  rt->lua = L;
+  uv_timer_start(&rt->tick_timer, on_tick, timeout_ms > 0 ? (uint64_t)timeout_ms : 0, 0);
+  uv_run(&rt->loop, UV_RUN_ONCE);
+  uv_timer_stop(&rt->tick_timer);
+  rt->lua = outer;
+}
+
 /* run_once(timeout_ms): one loop turn that waits at most timeout_ms; for
  * herald.test, which drives the loop from a spec. Returns whether anything
  * keeps the loop alive. */
@@ -201,13 +217,14 @@ static int core_run_once(lua_State *L) {
   runtime_t *rt = bind_runtime(L);
   lua_Integer timeout = luaL_optinteger(L, 1, 0);
   if (rt->running) return luaL_error(L, "herald: run_once inside run");
-  void *outer = rt->lua;
-  rt->lua = L;
-  uv_timer_start(&rt->tick_timer, on_tick, timeout > 0 ? (uint64_t)timeout : 0, 0);
-  uv_run(&rt->loop, UV_RUN_ONCE);
-  uv_timer_stop(&rt->tick_timer);
-  rt->lua = outer;
+  runtime_run_once(rt, L, timeout);
   lua_pushboolean(L, uv_loop_alive(&rt->loop));
+  return 1;
+}
+
+/* pid(): this process's id (a worker's, after a fork). */
+static int core_pid(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)uv_os_getpid());
   return 1;
 }
 
@@ -368,7 +385,7 @@ __attribute__((visibility("default"))) int luaopen_herald_core(lua_State *L) {
   static const luaL_Reg functions[] = {
       {"run", core_run},       {"stop", core_stop}, {"run_once", core_run_once},
       {"now", core_now},       {"hrtime", core_hrtime}, {"on_error", core_on_error},
-      {"timer", core_timer},   {NULL, NULL},
+      {"timer", core_timer},   {"pid", core_pid},       {NULL, NULL},
   };
   static const luaL_Reg timer_methods[] = {
       {"cancel", timer_cancel}, {"active", timer_active}, {NULL, NULL}};
@@ -385,6 +402,7 @@ __attribute__((visibility("default"))) int luaopen_herald_core(lua_State *L) {
   bind_client_open(L, rt_idx);
   bind_hub_open(L, rt_idx);
   bind_ws_open(L, rt_idx);
+  bind_broker_open(L, rt_idx);
   bind_workers_open(L, rt_idx);
   lua_pushstring(L, uv_version_string());
   lua_setfield(L, -2, "libuv_version");

@@ -373,6 +373,13 @@ static int conn_alive(lua_State *L) {
   return 1;
 }
 
+/* conn:defer() -> whether the handler may answer later */
+static int conn_defer(lua_State *L) {
+  conn_t *c = bind_check_conn(L, 1);
+  lua_pushboolean(L, c && http_defer(c) == 0);
+  return 1;
+}
+
 static int conn_awaiting(lua_State *L) {
   conn_t *c = check_conn(L);
   lua_pushboolean(L, c && http_awaiting_response(c));
@@ -407,7 +414,7 @@ void bind_server_open(lua_State *L, int runtime_idx) {
       {"connections", server_connections}, {"__gc", server_gc}, {NULL, NULL}};
   static const luaL_Reg conn_methods[] = {
       {"respond", conn_respond}, {"close", conn_close_l}, {"finish", conn_finish}, {"alive", conn_alive},
-      {"awaiting", conn_awaiting}, {"peer", conn_peer}, {NULL, NULL}};
+      {"awaiting", conn_awaiting}, {"defer", conn_defer}, {"peer", conn_peer}, {NULL, NULL}};
   bind_new_class(L, runtime_idx, SERVER_MT, server_methods);
   bind_new_class(L, runtime_idx, CONN_MT, conn_methods);
   lua_pushvalue(L, runtime_idx);

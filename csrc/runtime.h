@@ -50,6 +50,9 @@ typedef struct runtime {
 const char *runtime_date(runtime_t *rt);
 /* Logs an error that has no Lua handler to take it. */
 void runtime_log(runtime_t *rt, const char *fmt, ...);
+/* One loop turn that waits at most timeout_ms, with L as the running
+ * thread (outside run()). */
+void runtime_run_once(runtime_t *rt, void *L, int64_t timeout_ms);
 /* In a forked child: renews the loop (uv_loop_fork) and calls every hook. */
 int runtime_after_fork(runtime_t *rt);
 /* hook lives as long as it is registered (it is usually a member of ud). */

@@ -90,9 +90,7 @@ static void deliver(conn_t *c, hub_msg_t *m) {
   if (!m->sse || conn_send(c, m->sse) != 0) conn_close(c);
 }
 
-static void send_gap(conn_t *c, const hub_topic_t *t) {
-  size_t len;
-  const char *name = hub_topic_name(t, &len);
+static void send_gap(conn_t *c, const char *name, size_t len) {
   hstr_t json = {0};
   int rc = hstr_append(&json, "{\"topic\":", 9) | json_append_string(&json, name, len) |
            hstr_append(&json, "}", 1);
@@ -135,6 +133,7 @@ static const conn_proto_t sse_proto = {
     .on_writable = hub_member_catch_up,
     .on_drain = on_drain,
     .deliver = deliver,
+    .gap = send_gap,
 };
 
 int sse_start(conn_t *c, const http_header_t *extra, size_t nextra, uint32_t heartbeat_ms,
@@ -156,7 +155,7 @@ int sse_start(conn_t *c, const http_header_t *extra, size_t nextra, uint32_t hea
     int n = snprintf(line, sizeof line, "retry: %ld\n\n", retry_ms);
     if (conn_send_bytes(c, line, (size_t)n) != 0) goto oom;
   }
-  if (hub_member_start(c, last_id, send_gap) != 0) goto oom;
+  if (hub_member_start(c, last_id) != 0) goto oom;
   if (heartbeat_ms) conn_set_timer(c, heartbeat_ms);
   return 0;
 oom:

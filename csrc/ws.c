@@ -468,11 +468,9 @@ static void deliver(conn_t *c, hub_msg_t *m) {
   if (!*slot || conn_send(c, *slot) != 0) conn_close(c);
 }
 
-static void gap(conn_t *c, const hub_topic_t *t) {
+static void gap(conn_t *c, const char *name, size_t len) {
   /* Only the envelope can say it: raw payloads have no room for it. */
   if (!c->ws->opt.envelope) return;
-  size_t len;
-  const char *name = hub_topic_name(t, &len);
   hstr_t json = {0};
   int rc = hstr_append(&json, "{\"topic\":", 9) | json_append_string(&json, name, len) |
            hstr_append(&json, ",\"event\":\"herald-gap\"}", 22);
@@ -489,6 +487,7 @@ static const conn_proto_t ws_proto = {
     .on_drain = on_drain,
     .on_close = on_close,
     .deliver = deliver,
+    .gap = gap,
 };
 
 int ws_start(conn_t *c, const http_header_t *headers, size_t nheaders, const ws_options_t *o,
@@ -507,7 +506,7 @@ int ws_start(conn_t *c, const http_header_t *headers, size_t nheaders, const ws_
   }
   c->ws = ws;
   c->notify_close = 1;
-  if (hub_member_start(c, last_id, gap) != 0) {
+  if (hub_member_start(c, last_id) != 0) {
     *err = "out of memory";
     conn_close(c);
     return -1;

@@ -635,8 +635,9 @@ print("stopped")
       write(live.cert, "garbage\n")
       assert(os.execute("kill -HUP " .. pid))
       t.wait(function() return server:errors():match("\n") end, 5, "the log of the failed reload")
-      assert.equal(("herald: SIGHUP: tls: certificate %s: "):format(live.cert),
-        server:errors():sub(1, #("herald: SIGHUP: tls: certificate : ") + #live.cert))
+      -- through the default logger: "<time> herald: <message>"
+      assert.truthy(server:errors():find(("herald: SIGHUP: tls: certificate %s: "):format(live.cert), 1, true),
+        server:errors())
       assert.matches("%(kept the old certificates%)\n$", server:errors())
       code, out = handshake(port, "-noservername")
       assert.equal(0, code, out)

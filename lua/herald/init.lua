@@ -8,6 +8,7 @@ local response = require "herald.response"
 local topics = require "herald.topics"
 local stream = require "herald.stream"
 local websocket = require "herald.websocket"
+local presence = require "herald.presence"
 
 local herald = { _VERSION = "herald scm" }
 
@@ -44,6 +45,39 @@ local app_schema = {
 }
 herald.defaults = {}
 for name, rule in pairs(app_schema) do herald.defaults[name] = rule.default end
+
+-- broker = { redis = "redis://[[user]:password@]host[:port][/db]" (rediss:// for TLS), ... }
+local broker_schema = {
+  redis = { type = "string" },
+  prefix = { type = "string", default = "herald:" },   -- of every key and channel
+  wait = { type = "boolean", default = false },        -- listen waits for Redis instead of failing
+  connect_timeout = { type = "number", default = 5, min = 0.1, max = 3600 },
+  topic_ttl = { type = "number", default = 86400, min = 1, max = 31536000 }, -- a quiet topic's history and last id
+  presence_ttl = { type = "number", default = 30, min = 3, max = 3600 },
+  max_pending = { type = "integer", default = 10000, min = 1, max = 10000000 }, -- publishes awaiting Redis
+  tls = { type = "table" },
+}
+local broker_tls_schema = {
+  ca = { type = "string" },        -- CA file; default: the system's trust store
+  cert = { type = "string" },      -- client certificate, when Redis asks for one
+  key = { type = "string" },
+  verify = { type = "boolean", default = true },
+}
+
+local function open_broker(hub, given)
+  local o = options.check(broker_schema, given, "herald.new: broker", 4)
+  if not o.redis then error("herald.new: broker needs redis = \"redis://host:port/db\"", 4) end
+  local tls = options.check(broker_tls_schema, o.tls, "herald.new: broker.tls", 4)
+  local broker = core.redis_broker(hub, { url = o.redis, prefix = o.prefix, ca = tls.ca, cert = tls.cert,
+    key = tls.key, verify = tls.verify, topic_ttl_ms = math.floor(o.topic_ttl * 1000),
+    max_pending = o.max_pending })
+  return broker, o
+end
+
+-- The URL without its password, for messages.
+local function redacted(url)
+  return (url:gsub("^(rediss?://)[^@/]*@", "%1***@"))
+end
 
 local listen_schema = {
   host = { type = "string", default = "127.0.0.1" },
@@ -119,6 +153,10 @@ function herald.new(opts)
   local app = setmetatable({ config = o, router = router.new(), logger = default_logger }, app_mt)
   apps[app] = true
   app.hub = core.hub(o.max_queued, o.max_subscriptions)
+  if o.broker then
+    app.broker, app.broker_config = open_broker(app.hub, o.broker)
+    app.presence_board = presence.new(app.broker, math.floor(app.broker_config.presence_ttl * 1000))
+  end
   app.topic_rules = topics.new { history = o.history, max_age = o.max_age, policy = o.policy }
   app.streams = {} -- conn handle -> stream, while the stream is open
   app.server = core.server({
@@ -209,7 +247,7 @@ function app_methods:_dispatch(conn, raw)
   if not ok then
     self:_log(("%s %s: %s"):format(req.method, req.path, tostring(err)), req)
     if not res.sent then return self:_fail(res, 500, "internal server error\n") end
-  elseif not res.sent and conn:awaiting() then
+  elseif not res.sent and not res.deferred and conn:awaiting() then
     return res:send()
   end
 end
@@ -234,6 +272,8 @@ end
 
 local function check_topic(topic, what, level)
   if type(topic) ~= "string" then error(what .. ": topic must be a string", level + 1) end
+  if #topic == 0 or #topic > 1024 then error(what .. ": topic must be 1 to 1024 bytes", level + 1) end
+  if topic:find("[%c\127]") then error(what .. ": topic must not contain control characters", level + 1) end
 end
 
 --- Runs auth for req. Returns the user (true when there is no auth), or
@@ -438,25 +478,46 @@ function app_methods:_on_event(conn, event, a, b)
   end
 end
 
-local publish_schema = { event = { type = "string" } }
+local publish_schema = { event = { type = "string" }, done = { type = "function" } }
 
 --- Publishes data to topic: every subscriber gets it, and the topic's
--- history keeps it for resume. opts { event }. Returns the message id and
--- how many subscribers it reached.
+-- history keeps it for resume. opts { event, done = fn(id, err) }.
+-- Without a broker: returns the message id and how many subscribers here it
+-- reached (done, if given, runs first). With one: returns true once the
+-- message is on its way to Redis, which assigns the id (done(id) then, or
+-- done(nil, why)); nil and why when Redis is unreachable: nothing was sent.
 function app_methods:publish(topic, data, opts)
   check_topic(topic, "publish", 2)
   if type(data) ~= "string" then error("publish: data must be a string", 2) end
   local o = options.check(publish_schema, opts, "publish", 2)
   local rule = self.topic_rules:resolve(topic)
-  return self.hub:publish(topic, data, o.event, rule.history, rule.max_age_ms, rule.conflate)
+  if self.broker then
+    return self.broker:publish(topic, data, o.event, rule.history, rule.max_age_ms, o.done)
+  end
+  local id, reached = self.hub:publish(topic, data, o.event, rule.history, rule.max_age_ms, rule.conflate)
+  if o.done then self:_callback(o.done, id) end
+  return id, reached
 end
 
 --- The topic's history newer than since_id (all of it if nil): a list of
 -- { id, data, event, time }, and whether messages after since_id were lost.
-function app_methods:history(topic, since_id)
+-- With fn, fn(list, gap) gets them (or fn(nil, why)); with a broker fn is
+-- needed, as Redis answers later.
+function app_methods:history(topic, since_id, fn)
   check_topic(topic, "history", 2)
   if since_id ~= nil and type(since_id) ~= "string" then error("history: since_id must be a string", 2) end
-  return self.hub:history(topic, since_id)
+  if fn ~= nil and type(fn) ~= "function" then error("history: fn must be a function", 2) end
+  if self.broker then
+    if not fn then error("history: with a broker, pass fn(list, gap): Redis answers later", 2) end
+    local rule = self.topic_rules:resolve(topic)
+    local ok, err = self.broker:history(topic, since_id, rule.history, rule.max_age_ms,
+      function(...) self:_callback(fn, ...) end)
+    if not ok then self:_callback(fn, nil, err) end
+    return
+  end
+  local list, gap = self.hub:history(topic, since_id)
+  if fn then return self:_callback(fn, list, gap) end
+  return list, gap
 end
 
 --- How many connections are subscribed to topic.
@@ -466,8 +527,17 @@ function app_methods:subscribers(topic)
 end
 
 --- The users (as app:auth returned them) subscribed to topic, each once.
-function app_methods:presence(topic)
+-- With a broker, fn(users) gets the users on every node, as strings
+-- (presence.name: a string, a number or a table's id), or fn(nil, why).
+function app_methods:presence(topic, fn)
   check_topic(topic, "presence", 2)
+  if fn ~= nil and type(fn) ~= "function" then error("presence: fn must be a function", 2) end
+  if self.broker then
+    if not fn then error("presence: with a broker, pass fn(users): Redis answers later", 2) end
+    local ok, err = self.presence_board:list(topic, function(...) self:_callback(fn, ...) end)
+    if not ok then self:_callback(fn, nil, err) end
+    return
+  end
   local users, seen = {}, {}
   for _, conn in ipairs(self.hub:members(topic)) do
     local s = self.streams[conn]
@@ -477,7 +547,17 @@ function app_methods:presence(topic)
       users[#users + 1] = user
     end
   end
+  if fn then return self:_callback(fn, users) end
   return users
+end
+
+-- From stream.lua: a stream of user joined or left topic.
+function app_methods:_joined(topic, user)
+  if self.presence_board then self.presence_board:join(topic, user) end
+end
+
+function app_methods:_left(topic, user)
+  if self.presence_board then self.presence_board:leave(topic, user) end
 end
 
 --- Counters: connections, streams, topics, published, delivered,
@@ -489,6 +569,10 @@ function app_methods:stats()
   for _ in pairs(self.streams) do n = n + 1 end
   st.streams = n
   st.errors.lua = self.lua_errors or 0
+  if self.broker then
+    local up, why = self.broker:status()
+    st.broker = { up = up, error = why ~= "" and why or nil }
+  end
   for k, count in pairs(self.lua_answered or {}) do st.errors[k] = (st.errors[k] or 0) + count end
   return st
 end
@@ -506,6 +590,7 @@ local metric_list = {
   { "herald_slow_consumer_closes_total", "counter", "Connections closed for reading too slowly.", "slow_closed" },
   { "herald_conflated_messages_total", "counter", "Messages skipped for slow clients (conflate).", "conflated" },
   { "herald_errors_total", "counter", "Errors by kind (HTTP status, WebSocket close code, Lua).", "errors" },
+  { "herald_broker_up", "gauge", "1 while the broker (Redis) is connected.", "broker_up" },
 }
 
 local function sorted_keys(t)
@@ -518,16 +603,19 @@ end
 --- app:stats() in the Prometheus text format.
 function app_methods:prometheus()
   local st, out = self:stats(), {}
+  if st.broker then st.broker_up = st.broker.up and 1 or 0 end
   for _, m in ipairs(metric_list) do
     local name, kind, help, field = m[1], m[2], m[3], m[4]
-    out[#out + 1] = ("# HELP %s %s\n# TYPE %s %s\n"):format(name, help, name, kind)
     local v = st[field]
+    if v == nil then goto next_metric end -- broker_up: only with a broker
+    out[#out + 1] = ("# HELP %s %s\n# TYPE %s %s\n"):format(name, help, name, kind)
     if type(v) == "table" then
       local label = field == "errors" and "kind" or "transport"
       for _, k in ipairs(sorted_keys(v)) do out[#out + 1] = ('%s{%s="%s"} %d\n'):format(name, label, k, v[k]) end
     else
       out[#out + 1] = ("%s %d\n"):format(name, v)
     end
+    ::next_metric::
   end
   return table.concat(out)
 end
@@ -574,9 +662,19 @@ function app_methods:publisher(path, opts)
     if event and (event == "" or #event > 256 or event:find("[%z\r\n]")) then
       return plain(res, 400, "bad event name\n")
     end
-    local id, reached = self.hub:publish(topic, req.body, event, rule.history, rule.max_age_ms, rule.conflate)
-    res:header("Content-Type", "application/json")
-    res:send(('{"id":"%s","subscribers":%d}'):format(id, reached))
+    if not self.broker then
+      local id, reached = self.hub:publish(topic, req.body, event, rule.history, rule.max_age_ms, rule.conflate)
+      res:header("Content-Type", "application/json")
+      return res:send(('{"id":"%s","subscribers":%d}'):format(id, reached))
+    end
+    -- Redis assigns the id: the answer waits for it
+    local ok, err = self.broker:publish(topic, req.body, event, rule.history, rule.max_age_ms, function(id, why)
+      if not id then return plain(res, 503, "broker: " .. tostring(why) .. "\n") end
+      res:header("Content-Type", "application/json")
+      res:send(('{"id":"%s"}'):format(id))
+    end)
+    if not ok then return plain(res, 503, tostring(err) .. "\n") end
+    res:defer()
   end)
 end
 
@@ -585,6 +683,13 @@ end
 function app_methods:listen(opts)
   local o = options.check(listen_schema, opts, "listen", 2)
   local tls = o.tls and check_tls(o.tls)
+  if self.broker then
+    local b = self.broker_config
+    local ok, why = self.broker:wait(b.wait and math.maxinteger or math.floor(b.connect_timeout * 1000), b.wait)
+    if not ok then
+      return nil, ("listen: broker: Redis at %s: %s"):format(redacted(b.redis), why)
+    end
+  end
   local port, err = self.server:listen(o.host, o.port, o.backlog, tls)
   if not port then return nil, ("listen on %s port %d: %s"):format(o.host, o.port, err) end
   return port
@@ -598,9 +703,12 @@ function app_methods:reload_tls()
   return self.server:reload_tls()
 end
 
---- Stops accepting; open connections finish their request and close.
+--- Stops accepting; open connections finish their request and close. The
+-- broker's connections close too.
 function app_methods:close()
   self.server:close()
+  if self.presence_board then self.presence_board:close() end
+  if self.broker then self.broker:close() end
 end
 
 --- How many connections the app has open.

@@ -35,6 +35,16 @@ local function check_open(self, what)
   if self.sent then error(what .. ": the response was already sent", 3) end
 end
 
+--- The handler answers later (from a callback: Redis, a timer): herald
+-- sends nothing when it returns. The connection's idle timeout still bounds
+-- the wait.
+function response_methods:defer()
+  check_open(self, "defer")
+  if not self.conn:defer() then error("defer: only inside the handler, before answering", 2) end
+  self.deferred = true
+  return self
+end
+
 function response_methods:status(code)
   check_open(self, "status")
   if math.type(code) ~= "integer" or code < 100 or code > 999 then

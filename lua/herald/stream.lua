@@ -34,6 +34,7 @@ function stream_methods:subscribe(topic)
   if not ok then return nil, err end
   self.topics = self.topics or {}
   self.topics[topic] = rule
+  self.app:_joined(topic, self.user)
   if rule.join then self.app:_callback(rule.join, topic, self.user, self) end
   return true
 end
@@ -54,6 +55,7 @@ function stream_methods:unsubscribe(topic)
   if not rule then return false end
   self.topics[topic] = nil
   self.app.hub:unsubscribe(self.conn, topic)
+  self.app:_left(topic, self.user)
   if rule.leave then self.app:_callback(rule.leave, topic, self.user, self) end
   return true
 end
@@ -134,6 +136,7 @@ function stream_methods:_finish(code, reason)
   if self.closed then return end
   self.closed = true
   for topic, rule in pairs(self.topics or no_topics) do
+    self.app:_left(topic, self.user)
     if rule.leave then self.app:_callback(rule.leave, topic, self.user, self) end
   end
   self.topics = nil

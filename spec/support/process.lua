@@ -8,10 +8,9 @@ local proc = {}
 function proc.quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 local quote = proc.quote
 
---- Prefix for commands that are not herald (python3, redis-server, curl):
--- the ASan run's preload and options are not theirs (python3's leaks at exit
--- would read as ours).
-proc.clean_env = "env -u LD_PRELOAD -u ASAN_OPTIONS -u LSAN_OPTIONS -u UBSAN_OPTIONS "
+--- Prefix for programs that are not herald: the ASan run's preload and
+-- options stay with herald (see scripts/test).
+proc.unsanitized = "env -u LD_PRELOAD -u ASAN_OPTIONS -u LSAN_OPTIONS -u UBSAN_OPTIONS "
 
 function proc.slurp(path)
   local f = io.open(path)
@@ -28,7 +27,7 @@ end
 
 --- A TCP port nothing listens on right now (bound once by the kernel's choice).
 function proc.free_port()
-  local p = assert(io.popen(proc.clean_env .. "/usr/bin/python3 -c " .. quote(
+  local p = assert(io.popen(proc.unsanitized .. "/usr/bin/python3 -c " .. quote(
     'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')))
   local port = tonumber(p:read("l"))
   p:close()
@@ -53,9 +52,11 @@ process_methods.__index = process_methods
 
 --- Starts sh command cmd in a new session, killed after opts.watchdog
 -- seconds (default 120). Its stdout is p.pipe, its stderr goes to p.err_file.
+-- Unless opts.herald, it runs without the ASan run's preload.
 -- Returns { pid = the group's id, pipe, err_file }.
 function proc.spawn(cmd, opts)
   opts = opts or {}
+  if not opts.herald then cmd = proc.unsanitized .. cmd end
   local err_file = os.tmpname()
   local script = table.concat({
     "echo $$",
@@ -86,7 +87,9 @@ function proc.spawn_lua(code, args, opts)
   f:close()
   local argv = {}
   for i, a in ipairs(args or {}) do argv[i] = quote(a) end
-  local p = proc.spawn(("env %s lua5.4 %s %s"):format(proc.lua_env(), quote(file), table.concat(argv, " ")), opts)
+  local o = { herald = true }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  local p = proc.spawn(("env %s lua5.4 %s %s"):format(proc.lua_env(), quote(file), table.concat(argv, " ")), o)
   p.script = file
   return p
 end

@@ -9,7 +9,7 @@ server_methods.__index = server_methods
 
 --- redis-cli against this server; returns its output (trimmed).
 function server_methods:cli(...)
-  local args = { proc.clean_env .. "redis-cli", "-p", tostring(self.port) }
+  local args = { proc.unsanitized .. "redis-cli", "-p", tostring(self.port) }
   if self.password then args[#args + 1] = "-a " .. proc.quote(self.password) .. " --no-auth-warning" end
   for _, a in ipairs { ... } do args[#args + 1] = proc.quote(a) end
   local p = assert(io.popen(table.concat(args, " ") .. " 2>&1"))
@@ -20,8 +20,13 @@ end
 
 --- Starts (or starts again, on the same port) the server.
 function server_methods:start()
-  local args = { proc.clean_env .. "redis-server", "--port", self.port, "--bind", "127.0.0.1", "--save", "''",
-    "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning" }
+  local args = { "redis-server", "--port", self.port, "--bind", "127.0.0.1", "--save", "''",
+    "--daemonize", "no", "--loglevel", "warning" }
+  if self.dir then -- every write on disk before it is answered: a SIGKILL loses nothing
+    args[#args + 1] = "--appendonly yes --appendfsync always --dir " .. proc.quote(self.dir)
+  else
+    args[#args + 1] = "--appendonly no"
+  end
   if self.password then args[#args + 1] = "--requirepass " .. proc.quote(self.password) end
   self.process = proc.spawn(table.concat(args, " "), { watchdog = self.watchdog })
   for _ = 1, 200 do
@@ -40,12 +45,30 @@ end
 
 server_methods.stop = server_methods.kill
 
---- redis.start { password = ..., watchdog = seconds }: a running server,
--- with .port and .url.
+--- Stops the server and deletes its data: it starts again empty.
+function server_methods:forget()
+  self:kill()
+  if self.dir then os.execute("rm -rf " .. proc.quote(self.dir) .. "/*") end
+end
+
+--- Stops the server and removes its files.
+function server_methods:remove()
+  self:kill()
+  if self.dir then os.execute("rm -rf " .. proc.quote(self.dir)) end
+end
+
+--- redis.start { password = ..., persist = true, watchdog = seconds }: a
+-- running server, with .port and .url; persist keeps its data across kill
+-- and start.
 function redis.start(opts)
   opts = opts or {}
   local s = setmetatable({ port = proc.free_port(), password = opts.password,
     watchdog = opts.watchdog or 300 }, server_methods)
+  if opts.persist then
+    local p = assert(io.popen("mktemp -d"))
+    s.dir = p:read("l")
+    p:close()
+  end
   s.url = ("redis://%s127.0.0.1:%d/0"):format(s.password and (":" .. s.password .. "@") or "", s.port)
   return s:start()
 end
