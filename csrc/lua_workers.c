@@ -357,6 +357,8 @@ static int core_workers(lua_State *L) {
     w->backoff.data = w;
   }
   m->shared = 1;
+  void *outer = rt->lua;
+  rt->lua = L; /* runtime_log goes through herald.on_error's logger */
   rt->worker_index = 0;
   rt->worker_count = m->n;
   sigset_t forwarded, mask;
@@ -380,6 +382,7 @@ static int core_workers(lua_State *L) {
     uv_run(&m->loop, UV_RUN_ONCE);
   }
   close_loop(m);
+  rt->lua = outer;
   char failure[sizeof m->failure];
   memcpy(failure, m->failure, sizeof failure);
   free_master(m);
