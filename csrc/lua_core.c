@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "conn.h"
 #include "lua_bind.h"
@@ -192,7 +193,7 @@ static int core_run(lua_State *L) {
 /* stop(): drains this process; in a worker, asks the master to stop them all. */
 static int core_stop(lua_State *L) {
   runtime_t *rt = bind_runtime(L);
-  if (rt->master_pid) kill(rt->master_pid, SIGTERM);
+  if (rt->master_pid && getppid() == rt->master_pid) kill(rt->master_pid, SIGTERM);
   if (rt->running) runtime_drain(rt);
   return 0;
 }

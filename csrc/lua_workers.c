@@ -1,15 +1,16 @@
 /* workers: herald.run { workers = N }. The master forks N workers that each
  * serve every listener the apps bound, restarts one that dies unasked, and
  * hands SIGTERM/SIGINT (drain) and SIGHUP (TLS reload) on to them. While it
- * supervises it runs no Lua and none of the apps' handles (listeners,
- * timers, brokers): only a small libuv loop of its own with four signal
- * handles and a few timers.
+ * supervises it runs none of the apps' handles (listeners, timers, brokers)
+ * and no Lua but herald.on_error's logger for its own log lines: only a
+ * small libuv loop of its own with four signal handles and a few timers.
  *
  * Why a loop of its own rather than sigsuspend/sigtimedwait and waitpid:
  * libuv catches a signal with a process-wide handler that writes to the
  * loop's pipe, so it does not matter which thread the kernel hands the
  * signal to; sigwait needs it blocked in every thread, threads that
- * libraries start included, which herald does not control. And the restart
+ * libraries start included (the Redis broker resolves names on libuv's
+ * thread pool), which herald does not control. And the restart
  * backoff and the shutdown deadline are plain timers. The price is paid in
  * each child: it renews that loop (uv_loop_fork: otherwise closing it would
  * poll the master's epoll and read the master's signal pipe) only to close
@@ -51,18 +52,15 @@ typedef struct bound {
   tls_config_t *tls;   /* a reference of our own; NULL: plain TCP */
 } bound_t;
 
-typedef struct master master_t;
-
 typedef struct worker {
   int pid;               /* 0: not running */
   int due;               /* to fork at the next turn */
   unsigned restarts;     /* since window_start */
   uint64_t window_start;
   uv_timer_t backoff;    /* until it is due again */
-  master_t *m;
 } worker_t;
 
-struct master {
+typedef struct master {
   uv_loop_t loop;
   uv_signal_t sigchld, sigterm, sigint, sighup;
   uv_timer_t deadline;   /* SIGKILL for workers that outlive the drain */
@@ -78,7 +76,7 @@ struct master {
   size_t nbound;
   char failure[256];     /* why it gave up, or "" */
   worker_t workers[];
-};
+} master_t;
 
 static int alive(const master_t *m) {
   for (int i = 0; i < m->n; i++)
@@ -351,7 +349,6 @@ static int core_workers(lua_State *L) {
   m->deadline.data = m;
   for (int i = 0; i < m->n; i++) {
     worker_t *w = &m->workers[i];
-    w->m = m;
     w->due = 1;
     uv_timer_init(&m->loop, &w->backoff);
     w->backoff.data = w;
