@@ -106,6 +106,23 @@ local function workers_of(port, n)
   return pids, hits
 end
 
+-- Waits (bounded by ms) until none of the processes runs.
+local function ended(pids, ms)
+  return wait_for(function()
+    for _, pid in pairs(pids) do
+      if alive(pid) then return false end
+    end
+    return true
+  end, ms)
+end
+
+-- An SSE stream on /events, past the event its worker greets it with.
+local function events(port)
+  local stream = t.sse(port, "/events")
+  assert.equal("hello", assert(stream:next(5)).event)
+  return stream
+end
+
 local function no_sanitizer_reports(stderr)
   assert.is_nil(stderr:match("Sanitizer"), stderr)
   assert.is_nil(stderr:match("runtime error:"), stderr)
@@ -179,7 +196,7 @@ describe("herald.run { workers }", function()
     for _, index in ipairs { 1, 2 } do -- worker 1 holds the master's socket; 2 its own
       local old = pids[index]
       os.execute("kill -KILL " .. old)
-      assert.is_true(wait_for(function() return not alive(old) end, 3000), "the worker died")
+      assert.is_true(ended({ old }, 3000), "the worker died")
       local new
       assert.is_true(wait_for(function()
         local w = who(port) -- every request is answered meanwhile
@@ -199,8 +216,7 @@ describe("herald.run { workers }", function()
   it("drains every worker on SIGTERM to the master, which exits 0", function()
     local port = start(2)
     local pids = workers_of(port, 2)
-    local stream = t.sse(port, "/events")
-    assert.equal("hello", assert(stream:next(5)).event)
+    local stream = events(port)
     local ws = t.ws(port, "/ws")
     assert.equal(101, ws.status)
     local start_ms = core.now()
@@ -210,9 +226,7 @@ describe("herald.run { workers }", function()
     local frame = assert(ws:receive(5))
     assert.equal("close", frame.kind)
     assert.equal(1001, frame.code)
-    assert.is_true(wait_for(function()
-      return not (alive(p.pid) or alive(pids[1]) or alive(pids[2]))
-    end, 4000), "master and workers ended")
+    assert.is_true(ended({ p.pid, pids[1], pids[2] }, 4000), "master and workers ended")
     local took = core.now() - start_ms
     assert.is_true(took < 2000, "drain took " .. took .. " ms") -- shutdown_timeout = 2
     assert.equal("master returned 0", rest_of_output(p)) -- once: the workers print nothing
@@ -228,9 +242,7 @@ describe("herald.run { workers }", function()
     local port = start(2)
     local pids = workers_of(port, 2)
     assert.equal("stopping", t.get(port, "/stop").body)
-    assert.is_true(wait_for(function()
-      return not (alive(p.pid) or alive(pids[1]) or alive(pids[2]))
-    end, 4000), "master and workers ended")
+    assert.is_true(ended({ p.pid, pids[1], pids[2] }, 4000), "master and workers ended")
     assert.equal("master returned 0", rest_of_output(p))
     local _, exited, stderr = p:stop()
     p = nil
@@ -241,19 +253,17 @@ describe("herald.run { workers }", function()
   it("drains the workers when the master is killed", function()
     local port = start(2)
     local pids = workers_of(port, 2)
-    local stream = t.sse(port, "/events")
-    assert.equal("hello", assert(stream:next(5)).event)
+    local stream = events(port)
     os.execute("kill -KILL " .. p.pid)
     assert.same({ nil, "closed" }, { stream:next(5) })
     assert.equal(1234, stream.retry) -- PR_SET_PDEATHSIG: SIGTERM, a drain
-    assert.is_true(wait_for(function() return not (alive(pids[1]) or alive(pids[2])) end, 4000),
-      "the workers ended")
+    assert.is_true(ended(pids, 4000), "the workers ended")
   end)
 
   it("gives up on a worker that keeps dying past max_restarts, and fails", function()
     local start_ms = core.now()
     start(2, "crash")
-    assert.is_true(wait_for(function() return not alive(p.pid) end, 10000), "the master ended")
+    assert.is_true(ended({ p.pid }, 10000), "the master ended")
     assert.is_true(core.now() - start_ms < 8000)
     local _, exited, stderr = p:stop()
     p = nil
@@ -345,7 +355,7 @@ describe("herald.run { workers }", function()
       print(select(2, pcall(herald.run, { workers = 2 })))
     ]])
     local line = q:line()
-    assert.is_true(wait_for(function() return not alive(q.pid) end, 5000), "it ended")
+    assert.is_true(ended({ q.pid }, 5000), "it ended")
     local _, exited, stderr = q:stop()
     assert.is_true(exited, stderr)
     assert.equal("herald.run: workers = 2 but no app listens (call app:listen before herald.run)", line)
