@@ -337,7 +337,10 @@ static int core_workers(lua_State *L) {
     free_master(m);
     return luaL_error(L, "herald.run: sharing the listeners (SO_REUSEPORT): %s", uv_strerror(rc));
   }
-  uv_loop_init(&m->loop);
+  if ((rc = uv_loop_init(&m->loop)) != 0) {
+    free_master(m);
+    return luaL_error(L, "herald.run: uv_loop_init: %s", uv_strerror(rc));
+  }
   uv_signal_t *sigs[] = {&m->sigchld, &m->sigterm, &m->sigint, &m->sighup};
   int signums[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP};
   for (int i = 0; i < 4; i++) {
