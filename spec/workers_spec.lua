@@ -91,19 +91,18 @@ local function who(port)
 end
 
 -- Asks on fresh connections until every worker of n answered; returns
--- { [index] = pid } and how many connections each index got.
+-- { [index] = pid }.
 local function workers_of(port, n)
-  local pids, hits, found = {}, {}, 0
+  local pids, found = {}, 0
   for _ = 1, 400 do
     local w = who(port)
     assert.equal(n, w.n)
-    hits[w.index] = (hits[w.index] or 0) + 1
     if not pids[w.index] then found = found + 1 end
     pids[w.index] = w.pid
     if found == n then break end
   end
   assert.equal(n, found, "workers that answered")
-  return pids, hits
+  return pids
 end
 
 -- Waits (bounded by ms) until none of the processes runs.
