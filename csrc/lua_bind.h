@@ -4,6 +4,7 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <signal.h>
 
 #include "runtime.h"
 
@@ -46,6 +47,12 @@ http_header_t *bind_check_headers(lua_State *L, int idx, size_t *n);
 void bind_hub_open(lua_State *L, int runtime_idx);
 void bind_ws_open(lua_State *L, int runtime_idx);
 void bind_broker_open(lua_State *L, int runtime_idx);
+void bind_workers_open(lua_State *L, int runtime_idx);
+
+/* herald.run's loop on thread L: serves until stop() or SIGINT/SIGTERM,
+ * drains, returns. mask: the signal mask to set once its signal handlers
+ * are in place (a worker starts with them blocked), or NULL. */
+void bind_serve(lua_State *L, runtime_t *rt, const sigset_t *mask);
 
 /* Closes what the binding owns when the Lua state closes. */
 void bind_client_close_all(runtime_t *rt);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "conn.h"
 #include "lua_bind.h"
@@ -160,10 +161,7 @@ void bind_new_class(lua_State *L, int runtime_idx, const char *name, const luaL_
   lua_pop(L, 1);
 }
 
-/* run(): serves until stop() or SIGINT/SIGTERM, drains, and returns. */
-static int core_run(lua_State *L) {
-  runtime_t *rt = bind_runtime(L);
-  if (rt->running) return luaL_error(L, "herald.run: already running");
+void bind_serve(lua_State *L, runtime_t *rt, const sigset_t *mask) {
   void *outer = rt->lua;
   rt->lua = L;
   rt->running = 1;
@@ -171,6 +169,7 @@ static int core_run(lua_State *L) {
   uv_signal_start(&rt->sigint, on_signal, SIGINT);
   uv_signal_start(&rt->sigterm, on_signal, SIGTERM);
   uv_signal_start(&rt->sighup, on_signal, SIGHUP);
+  if (mask) pthread_sigmask(SIG_SETMASK, mask, NULL); /* what came while blocked lands here */
   while (!rt->stopped) {
     if (!uv_run(&rt->loop, UV_RUN_ONCE) && !rt->draining) break; /* nothing left to serve */
   }
@@ -181,11 +180,20 @@ static int core_run(lua_State *L) {
   rt->running = 0;
   rt->draining = 0;
   rt->lua = outer;
+}
+
+/* run(): serves until stop() or SIGINT/SIGTERM, drains, and returns. */
+static int core_run(lua_State *L) {
+  runtime_t *rt = bind_runtime(L);
+  if (rt->running) return luaL_error(L, "herald.run: already running");
+  bind_serve(L, rt, NULL);
   return 0;
 }
 
+/* stop(): drains this process; in a worker, asks the master to stop them all. */
 static int core_stop(lua_State *L) {
   runtime_t *rt = bind_runtime(L);
+  if (rt->master_pid && getppid() == rt->master_pid) kill(rt->master_pid, SIGTERM);
   if (rt->running) runtime_drain(rt);
   return 0;
 }
@@ -350,6 +358,7 @@ static int runtime_new(lua_State *L) {
   runtime_t *rt = lua_newuserdatauv(L, sizeof *rt, 0);
   memset(rt, 0, sizeof *rt);
   rt->on_error_ref = LUA_NOREF;
+  rt->worker_index = rt->worker_count = 1;
   int rc = uv_loop_init(&rt->loop);
   if (rc) return luaL_error(L, "herald: uv_loop_init: %s", uv_strerror(rc));
   luaL_newmetatable(L, RUNTIME_MT);
@@ -395,6 +404,7 @@ __attribute__((visibility("default"))) int luaopen_herald_core(lua_State *L) {
   bind_hub_open(L, rt_idx);
   bind_ws_open(L, rt_idx);
   bind_broker_open(L, rt_idx);
+  bind_workers_open(L, rt_idx);
   lua_pushstring(L, uv_version_string());
   lua_setfield(L, -2, "libuv_version");
   return 1;

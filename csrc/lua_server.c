@@ -292,6 +292,15 @@ static int server_stats_l(lua_State *L) {
   return 1;
 }
 
+/* srv:listeners() -> how many sockets it accepts on */
+static int server_listeners(lua_State *L) {
+  lua_server_t *ls = check_server(L);
+  lua_Integer n = 0;
+  for (listener_t *l = ls->srv->listeners; l; l = l->next) n++;
+  lua_pushinteger(L, n);
+  return 1;
+}
+
 static int server_connections(lua_State *L) {
   lua_server_t *ls = check_server(L);
   lua_pushinteger(L, ls->srv->nconns);
@@ -401,7 +410,7 @@ static int conn_peer(lua_State *L) {
 void bind_server_open(lua_State *L, int runtime_idx) {
   static const luaL_Reg server_methods[] = {
       {"listen", server_listen_l}, {"close", server_close_l}, {"reload_tls", server_reload_tls_l},
-      {"stats", server_stats_l},
+      {"stats", server_stats_l}, {"listeners", server_listeners},
       {"connections", server_connections}, {"__gc", server_gc}, {NULL, NULL}};
   static const luaL_Reg conn_methods[] = {
       {"respond", conn_respond}, {"close", conn_close_l}, {"finish", conn_finish}, {"alive", conn_alive},

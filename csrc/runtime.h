@@ -39,6 +39,9 @@ typedef struct runtime {
   void *lua;              /* lua_State of the thread currently running the loop */
   runtime_fork_hook_t *fork_hooks;
   int on_error_ref;       /* Lua logger for errors raised in callbacks */
+  /* herald.run { workers = N } (lua_workers.c): this process's worker number,
+   * 1 when it serves alone, 0 in the master; the master's pid in a worker. */
+  int worker_index, worker_count, master_pid;
   char read_buf[HERALD_READ_CHUNK]; /* reads are handled synchronously: one buffer serves all */
   char tls_buf[16384];    /* and the plaintext of one TLS record */
 } runtime_t;

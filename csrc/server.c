@@ -1,8 +1,10 @@
 #include "server.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "conn.h"
 #include "tls.h"
@@ -109,13 +111,32 @@ int server_listen(server_t *s, const char *host, int port, int backlog, tls_conf
   struct sockaddr_storage addr;
   int rc = resolve(host, port, &addr);
   if (rc) return rc;
+  return server_listen_addr(s, (struct sockaddr *)&addr, backlog, tls, 0);
+}
+
+static int set_reuseport(uv_tcp_t *tcp) {
+  uv_os_fd_t fd;
+  int one = 1;
+  int rc = uv_fileno((uv_handle_t *)tcp, &fd);
+  if (rc == 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) rc = -errno;
+  return rc;
+}
+
+int server_listen_addr(server_t *s, const struct sockaddr *addr, int backlog, tls_config_t *tls,
+                       int reuseport) {
   listener_t *l = calloc(1, sizeof *l);
   if (!l) return UV_ENOMEM;
   l->server = s;
-  uv_tcp_init(&s->rt->loop, &l->tcp);
+  l->backlog = backlog;
+  int rc = uv_tcp_init_ex(&s->rt->loop, &l->tcp, addr->sa_family);
+  if (rc) {
+    free(l);
+    return rc;
+  }
   l->tcp.data = l;
-  unsigned flags = addr.ss_family == AF_INET6 ? UV_TCP_IPV6ONLY : 0;
-  rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&addr, flags);
+  unsigned flags = addr->sa_family == AF_INET6 ? UV_TCP_IPV6ONLY : 0;
+  if (reuseport) rc = set_reuseport(&l->tcp);
+  if (rc == 0) rc = uv_tcp_bind(&l->tcp, addr, flags);
   if (rc == 0) rc = uv_listen((uv_stream_t *)&l->tcp, backlog, on_connection);
   if (rc != 0) {
     uv_close((uv_handle_t *)&l->tcp, on_listener_closed);
@@ -130,6 +151,22 @@ int server_listen(server_t *s, const char *host, int port, int backlog, tls_conf
   s->draining = 0;
   return ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
                                            : ((struct sockaddr_in *)&bound)->sin_port);
+}
+
+int server_share_listeners(server_t *s) {
+  for (listener_t *l = s->listeners; l; l = l->next) {
+    int rc = set_reuseport(&l->tcp);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
+void server_close_listeners(server_t *s) {
+  while (s->listeners) {
+    listener_t *l = s->listeners;
+    s->listeners = l->next;
+    uv_close((uv_handle_t *)&l->tcp, on_listener_closed);
+  }
 }
 
 int server_reload_tls(server_t *s, char *err, size_t errlen) {
@@ -162,11 +199,7 @@ int server_reload_tls(server_t *s, char *err, size_t errlen) {
 
 void server_close(server_t *s) {
   s->draining = 1;
-  while (s->listeners) {
-    listener_t *l = s->listeners;
-    s->listeners = l->next;
-    uv_close((uv_handle_t *)&l->tcp, on_listener_closed);
-  }
+  server_close_listeners(s);
   for (conn_t *c = s->conns, *next; c; c = next) {
     next = c->next;
     if (!c->closing && c->proto->on_drain) c->proto->on_drain(c);

@@ -50,6 +50,7 @@ typedef struct listener {
   uv_tcp_t tcp;
   server_t *server;
   tls_config_t *tls;      /* NULL: plain TCP */
+  int backlog;            /* as listen was given it: a worker binds the address again with it */
   struct listener *next;
 } listener_t;
 
@@ -78,6 +79,16 @@ server_t *server_new(runtime_t *rt, const server_limits_t *limits, server_reques
  * owns the caller's reference); returns the bound port, or a negative libuv
  * error. */
 int server_listen(server_t *s, const char *host, int port, int backlog, tls_config_t *tls);
+/* The same on an address; with reuseport, the socket gets SO_REUSEPORT
+ * before it binds, so that it shares the address with other such sockets
+ * (the workers of herald.run { workers = N }). */
+int server_listen_addr(server_t *s, const struct sockaddr *addr, int backlog, tls_config_t *tls,
+                       int reuseport);
+/* Sets SO_REUSEPORT on every listener (bound without it): other sockets
+ * with it may then bind their addresses. 0 or a negative libuv error. */
+int server_share_listeners(server_t *s);
+/* Closes the listeners only: conns and the server's state stay as they are. */
+void server_close_listeners(server_t *s);
 
 /* Reads every TLS listener's certificates again; on any error keeps them all
  * as they were and returns -1 with err filled. New conns get the new ones. */

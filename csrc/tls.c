@@ -171,6 +171,11 @@ tls_config_t *tls_config_reload(const tls_config_t *old, char *err, size_t errle
   return tls_config_new(&s, err, errlen);
 }
 
+tls_config_t *tls_config_ref(tls_config_t *cfg) {
+  cfg->refs++;
+  return cfg;
+}
+
 void tls_config_unref(tls_config_t *cfg) {
   if (cfg && --cfg->refs == 0) config_free(cfg);
 }

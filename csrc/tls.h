@@ -28,6 +28,7 @@ typedef struct tls_settings {
 tls_config_t *tls_config_new(const tls_settings_t *s, char *err, size_t errlen);
 /* The same settings, files read again. */
 tls_config_t *tls_config_reload(const tls_config_t *old, char *err, size_t errlen);
+tls_config_t *tls_config_ref(tls_config_t *cfg);
 void tls_config_unref(tls_config_t *cfg);
 
 /* Puts TLS on a new conn; -1 on ENOMEM. */

@@ -135,6 +135,8 @@ end
 
 local app_methods = {}
 local app_mt = { __index = app_methods }
+-- Every app made, for herald.run { workers }: it checks the ones that listen.
+local apps = setmetatable({}, { __mode = "k" })
 
 local function seconds_to_ms(s) return math.floor(s * 1000 + 0.5) end
 
@@ -149,6 +151,7 @@ function herald.new(opts)
     error("herald.new: option 'policy' must be \"close\" or \"conflate\", got " .. o.policy, 2)
   end
   local app = setmetatable({ config = o, router = router.new(), logger = default_logger }, app_mt)
+  apps[app] = true
   app.hub = core.hub(o.max_queued, o.max_subscriptions)
   if o.broker then
     app.broker, app.broker_config = open_broker(app.hub, o.broker)
@@ -735,10 +738,52 @@ end
 --- Milliseconds on the loop's monotonic clock.
 herald.now = core.now
 
---- Serves until SIGINT, SIGTERM or herald.stop(); then stops accepting,
--- lets responses under way finish (each app's shutdown_timeout bounds it),
--- closes the rest and returns.
-herald.run = core.run
+local function run_schema()
+  return {
+    workers = { type = "integer", default = math.min(core.parallelism(), 1024), min = 1, max = 1024 },
+    -- restarts of one worker within a minute; past them, the master stops them all
+    max_restarts = { type = "integer", default = 10, min = 0, max = 1000000 },
+  }
+end
+
+-- workers > 1: every app that listens must share its topics through a broker.
+local function check_workers(n)
+  local listening = false
+  for app in pairs(apps) do
+    if app.server:listeners() > 0 then
+      listening = true
+      if app.config.broker == nil then
+        error(("herald.run: workers = %d needs a broker on every app that listens "
+          .. "(herald.new { broker = { redis = url } }): without one each worker would keep topics "
+          .. "of its own, and a publish would reach only the subscribers of one worker"):format(n), 3)
+      end
+    end
+  end
+  if not listening then
+    error(("herald.run: workers = %d but no app listens (call app:listen before herald.run)"):format(n), 3)
+  end
+end
+
+--- herald.run(): serves until SIGINT, SIGTERM or herald.stop(); then stops
+-- accepting, lets responses under way finish (each app's shutdown_timeout
+-- bounds it), closes the rest and returns.
+-- herald.run { workers = N, max_restarts = 10 }: N processes (default: the
+-- number of cores) that each serve every listener (SO_REUSEPORT); this one
+-- supervises them and returns once they all drained. Each worker ends its
+-- process when it is done: code after herald.run runs in the master only.
+function herald.run(opts)
+  if opts == nil then return core.run() end
+  local o = options.check(run_schema(), opts, "herald.run", 2)
+  if o.workers == 1 then return core.run() end
+  check_workers(o.workers)
+  local role, ok = core.workers(o.workers, o.max_restarts)
+  if role == "worker" then os.exit(ok, true) end
+end
 herald.stop = core.stop
+
+--- herald.worker() -> which worker this process is (1..N under herald.run
+-- { workers = N }; 1 when one process serves alone; 0 in the master), its
+-- pid, and N.
+herald.worker = core.worker
 
 return herald
