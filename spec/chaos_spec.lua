@@ -186,6 +186,13 @@ local function flow(w, extra)
   post(w, "/flow?ms=5")
 end
 
+-- A world with messages flowing, and its baseline.
+local function flowing_world(nsse, nws)
+  local w = start_world(nsse, nws)
+  flow(w)
+  return w, baseline(w)
+end
+
 -- An SSE client's raw output (head and all): nil if its messages are 1..N
 -- in order with consecutive ids then "end N" (total: N; nil: any prefix of
 -- a run of consecutive numbers, from any first one), else why not.
@@ -432,9 +439,7 @@ describe("chaos", function()
   end)
 
   it("a peer that resets while the server writes to it does not end the server (no SIGPIPE)", function()
-    local w = start_world(1, 1)
-    flow(w)
-    local base = baseline(w)
+    local w, base = flowing_world(1, 1)
     local tally = {}
     wave(w, 300, 0, tally, { MID_WRITE_KIND })
     assert.equal(300, tally[MID_WRITE_KIND.name].connected)
@@ -442,9 +447,7 @@ describe("chaos", function()
   end)
 
   it("clients that stop reading during a burst are cut off by max_queued; the others get everything", function()
-    local w = start_world(4, 4)
-    flow(w)
-    local base = baseline(w)
+    local w, base = flowing_world(4, 4)
     local slow = {}
     for i = 1, 100 do slow[i] = stalled(w, i % 2 == 0 and "sse" or "ws") end
     stats_until(w, function(s) return s.subscriptions == base.counts.subscriptions + 100 end, 10,
