@@ -38,10 +38,10 @@ local CLEAN = "env -u LD_PRELOAD -u ASAN_OPTIONS -u LSAN_OPTIONS -u UBSAN_OPTION
 -- remains is the allocator's: glibc keeps some freed memory in its free
 -- lists (herald trims after a spike of output chunks, csrc/buf.c, but what
 -- is freed after the last trim stays), and Lua's collector holds garbage
--- until its next cycle. Measured: +0.7 to +3.3 MiB after the 10,000 (a
--- spike of ~215 MiB). 8 MiB is under one leaked KiB per chaos connection
--- (10 MiB); smaller leaks are for the exact counts above, LSan (the ASan
--- run) and valgrind (make valgrind) to find.
+-- until its next cycle. Measured: +0.7 to +4.5 MiB after a case (the
+-- 10,000: a spike of ~220 MiB). 8 MiB is less than one KiB leaked per
+-- connection of the 10,000 (10 MiB); smaller leaks are for the exact
+-- counts above, LSan (the ASan run) and valgrind (make valgrind) to find.
 local RSS_TOLERANCE_KB = 8192
 
 local cleanups = {}
