@@ -76,9 +76,9 @@ $(BUILD)/bench/loadgen: bench/loadgen.c
 test: deps build asan lint
 	@scripts/test
 
-# The end-to-end specs (HTTP, SSE, WebSocket, hub, TLS, limits, ...) with
-# the dev build under valgrind: no invalid access, no definite leak
-# (scripts/valgrind; make valgrind VALGRIND_SPECS="http tls" for some).
+# The end-to-end specs (HTTP, SSE, WebSocket, hub, TLS, limits, ...) and
+# the chaos spec's servers with the dev build under valgrind: no invalid
+# access, no definite leak (scripts/valgrind; VALGRIND_SPECS="http tls": some).
 valgrind: deps build
 	@VALGRIND_SPECS="$(VALGRIND_SPECS)" scripts/valgrind
 
