@@ -1,4 +1,4 @@
-# herald: make deps | build | test | demo | asan | lint | release | install | rock | clean
+# herald: make deps | build | test | valgrind | demo | asan | lint | release | install | rock | clean
 LUA      ?= lua5.4
 CC       ?= cc
 LLHTTP   ?= /usr/share/llhttp
@@ -24,7 +24,7 @@ ASAN_CFLAGS := $(BASE_CFLAGS) -O1 -g -fno-omit-frame-pointer -fsanitize=address,
 # llhttp is generated code: built with its own flags, never -Werror.
 LLHTTP_CFLAGS := -std=c11 -fPIC -fvisibility=hidden -O2 -I$(LLHTTP_H)
 
-.PHONY: all deps build asan release install test demo lint rock clean loadgen
+.PHONY: all deps build asan release install test valgrind demo lint rock clean loadgen
 
 all: build
 
@@ -70,10 +70,17 @@ $(BUILD)/bench/loadgen: bench/loadgen.c
 	@mkdir -p $(dir $@)
 	$(CC) -O2 -std=c11 -D_DEFAULT_SOURCE -Wall -Wextra -Werror -o $@ $< $(UV_LIBS) -lm
 
-# Every spec, against the dev build and then under ASan+UBSan; the last line
-# of output is "N passed, N failed" over both runs.
+# Every spec, against the dev build and then under ASan+UBSan, then the
+# end-to-end specs under valgrind; the last line of output is "N passed,
+# N failed" over the three runs.
 test: deps build asan lint
 	@scripts/test
+
+# The end-to-end specs (HTTP, SSE, WebSocket, hub, TLS, limits, ...) and
+# the chaos spec's servers with the dev build under valgrind: no invalid
+# access, no definite leak (scripts/valgrind; VALGRIND_SPECS="http tls": some).
+valgrind: deps build
+	@VALGRIND_SPECS="$(VALGRIND_SPECS)" scripts/valgrind
 
 lint:
 	luacheck --quiet lua spec examples

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "lua_bind.h"
+#include "server.h"
 
 #define CLIENT_MT "herald.client"
 
@@ -26,8 +27,9 @@ static void on_client_closed(uv_handle_t *h) {
   free(h->data);
 }
 
-/* L is the running thread, or NULL while the state closes. */
-static void client_release(client_t *cl, lua_State *L) {
+/* L is the running thread, or NULL while the state closes. reset: close
+ * with SO_LINGER 0, so the peer gets a RST (and loses what is unread). */
+static void client_release_how(client_t *cl, lua_State *L, int reset) {
   if (cl->closed) return;
   cl->closed = 1;
   runtime_t *rt = cl->rt;
@@ -39,7 +41,13 @@ static void client_release(client_t *cl, lua_State *L) {
     luaL_unref(L, LUA_REGISTRYINDEX, cl->fn_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, cl->self_ref);
   }
-  uv_close((uv_handle_t *)&cl->tcp, on_client_closed);
+  /* uv_tcp_close_reset refuses a handle with a shutdown under way */
+  if (!reset || uv_tcp_close_reset(&cl->tcp, on_client_closed) != 0)
+    uv_close((uv_handle_t *)&cl->tcp, on_client_closed);
+}
+
+static void client_release(client_t *cl, lua_State *L) {
+  client_release_how(cl, L, 0);
 }
 
 void bind_client_close_all(runtime_t *rt) {
@@ -102,6 +110,7 @@ static int core_connect(lua_State *L) {
   if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)&addr) != 0 &&
       uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)&addr) != 0)
     return luaL_argerror(L, 1, "not a numeric IPv4 or IPv6 address");
+  server_ignore_sigpipe(); /* writing to a server that reset must not end the process */
   client_t *cl = calloc(1, sizeof *cl);
   if (!cl) return luaL_error(L, "out of memory");
   client_t **ud = lua_newuserdatauv(L, sizeof *ud, 0);
@@ -174,6 +183,14 @@ static int client_close(lua_State *L) {
   return 0;
 }
 
+/* reset(): close at once with a RST instead of a FIN (SO_LINGER 0), as a
+ * peer that crashes or drops its socket with unread data does. */
+static int client_reset(lua_State *L) {
+  client_t *cl = check_client(L);
+  if (cl) client_release_how(cl, L, 1);
+  return 0;
+}
+
 /* pause()/resume(): stop and restart reading, to act as a slow reader. */
 static int client_pause(lua_State *L) {
   client_t *cl = check_client(L);
@@ -189,7 +206,8 @@ static int client_resume(lua_State *L) {
 
 void bind_client_open(lua_State *L, int runtime_idx) {
   static const luaL_Reg methods[] = {{"write", client_write}, {"shutdown", client_shutdown},
-                                     {"close", client_close}, {"pause", client_pause},
+                                     {"close", client_close}, {"reset", client_reset},
+                                     {"pause", client_pause},
                                      {"resume", client_resume}, {NULL, NULL}};
   bind_new_class(L, runtime_idx, CLIENT_MT, methods);
   lua_pushvalue(L, runtime_idx);

@@ -1,6 +1,7 @@
 #include "server.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -107,7 +108,22 @@ static int resolve(const char *host, int port, struct sockaddr_storage *addr) {
   return UV_EINVAL;
 }
 
+void server_ignore_sigpipe(void) {
+  /* libuv writes with write(2): a write to a peer that has reset raises
+   * SIGPIPE, whose default action ends the process. EPIPE is what we want
+   * (the conn closes). A handler the host program set is left alone. */
+  struct sigaction old;
+  if (sigaction(SIGPIPE, NULL, &old) == 0 && old.sa_handler == SIG_DFL) {
+    struct sigaction ign;
+    memset(&ign, 0, sizeof ign);
+    ign.sa_handler = SIG_IGN;
+    sigemptyset(&ign.sa_mask);
+    sigaction(SIGPIPE, &ign, NULL);
+  }
+}
+
 int server_listen(server_t *s, const char *host, int port, int backlog, tls_config_t *tls) {
+  server_ignore_sigpipe();
   struct sockaddr_storage addr;
   int rc = resolve(host, port, &addr);
   if (rc) return rc;

@@ -46,6 +46,10 @@ typedef struct server_stats {
 extern const int server_error_codes[SERVER_ERROR_KINDS];
 void server_count_error(server_t *s, int status_or_close_code);
 
+/* Ignores SIGPIPE unless the program handles it: a peer that resets must
+ * not end the process. Called before any socket of ours is written to. */
+void server_ignore_sigpipe(void);
+
 typedef struct listener {
   uv_tcp_t tcp;
   server_t *server;

@@ -144,7 +144,7 @@ describe("run and stop", function()
     assert.equal("close", res.headers.connection)
   end)
 
-  it("closes what is still open when shutdown_timeout runs out", function()
+  it("closes what is still open when shutdown_timeout runs out #timing", function()
     local stuck = t.open(port)
     stuck:send("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\npartial")
     herald.after(20, herald.stop)

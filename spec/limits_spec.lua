@@ -277,7 +277,8 @@ describe("messages per second per WebSocket (max_message_rate = 10)", function()
       assert.equal(1, app:stats().errors.ws_1008)
     end)
 
-    it("the budget refills after a second: 10, a pause, 10 more are all served; the 11th of a second closes", function()
+    it("the budget refills after a second: 10, a pause, 10 more are all served; the 11th of a second closes"
+      .. " #timing", function()
       local app = rate_app("close")
       local w = open(app)
       burst(w, 10, "a")

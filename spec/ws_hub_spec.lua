@@ -6,8 +6,12 @@ local herald = require "herald"
 local t = require "herald.test"
 local cjson = require "cjson"
 
+-- These specs count frames and bytes exactly: no keep-alive traffic unless
+-- asked for (a slow run, e.g. under valgrind, outlasts heartbeat and ping_interval).
 local function new_app(opts)
-  local app = herald.new(opts)
+  local o = { heartbeat = 0, ping_interval = 0 }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  local app = herald.new(o)
   app.logged = {}
   app:on_error(function(message) app.logged[#app.logged + 1] = message end)
   finally(function() app:close() end)

@@ -6,10 +6,12 @@
 --
 -- The app listens on 127.0.0.1, port 0, the first time a spec speaks to it;
 -- every wait runs the loop in the spec's process and is bounded by
--- t.timeout seconds (5 unless set).
+-- t.timeout seconds (5 unless set), times t.scale.
 local core = require "herald.core"
 
-local t = { timeout = 5 }
+-- t.scale multiplies every wait's bound: HERALD_TIME_SCALE (default 1) gives
+-- slow runs (valgrind) more time without editing the specs.
+local t = { timeout = 5, scale = tonumber(os.getenv("HERALD_TIME_SCALE")) or 1 }
 
 --- The app's test port, listening on first use.
 function t.port(app)
@@ -21,9 +23,9 @@ function t.port(app)
 end
 
 --- Runs the loop until done() returns a true value, which it returns.
--- Raises "timed out waiting for <what>" after timeout seconds.
+-- Raises "timed out waiting for <what>" after timeout (times t.scale) seconds.
 function t.wait(done, timeout, what)
-  local deadline = core.now() + (timeout or t.timeout) * 1000
+  local deadline = core.now() + (timeout or t.timeout) * t.scale * 1000
   while true do
     local v = done()
     if v then return v end
@@ -109,6 +111,13 @@ end
 
 function client_methods:close()
   self.socket:close()
+  self.closed = true
+end
+
+--- Drops the connection with a RST (SO_LINGER 0) instead of a FIN, as a
+-- peer that crashes or closes with unread data does.
+function client_methods:reset()
+  self.socket:reset()
   self.closed = true
 end
 
