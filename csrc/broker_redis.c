@@ -476,10 +476,14 @@ static const broker_ops_t redis_ops = {
 
 /* ---- lifetime ---- */
 
+/* A worker's own connections: nothing to log, every worker does this. */
 static void after_fork(void *ud) {
   redis_broker_t *rb = ud;
+  static const char why[] = "forked: reconnecting";
+  snprintf(rb->why, sizeof rb->why, "%s", why); /* set_why logs only a change */
   redis_after_fork(rb->cmd);
   redis_after_fork(rb->sub);
+  rb->why[0] = '\0'; /* and its connecting is no "connected again" */
 }
 
 broker_t *redis_broker_new(runtime_t *rt, hub_t *hub, const redis_broker_options_t *o, char *err,
