@@ -286,13 +286,20 @@ static int become_worker(lua_State *L, master_t *m, const sigset_t *mask) {
   rt->worker_count = m->n;
   rt->master_pid = m->pid;
   free_master(m);
+  if (ok && lua_isfunction(L, 3)) { /* the Lua half's ready(): the brokers connect first */
+    void *outer = rt->lua;
+    rt->lua = L;
+    lua_pushvalue(L, 3);
+    bind_call(rt, 0);
+    rt->lua = outer;
+  }
   lua_pushliteral(L, "worker");
   if (ok) bind_serve(L, rt, mask);
   lua_pushboolean(L, ok);
   return 2;
 }
 
-/* workers(n, max_restarts): in the master, supervises n workers until
+/* workers(n, max_restarts, ready): in the master, supervises n workers until
  * SIGTERM/SIGINT (or a worker's herald.stop()) and they all ended, and
  * returns "master" (raises if they kept dying); in a worker, serves like
  * run() and returns "worker", whether it served: the Lua half then ends

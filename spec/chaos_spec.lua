@@ -35,7 +35,7 @@ local WAVE, WAVES = 1000, VALGRIND and 2 or 10 -- vanishing clients: WAVES waves
 local quote = proc.quote
 local PYTHON = "/usr/bin/python3"
 -- clients are not ours to sanitize
-local CLEAN = "env -u LD_PRELOAD -u ASAN_OPTIONS -u LSAN_OPTIONS -u UBSAN_OPTIONS "
+local CLEAN = proc.unsanitized
 
 -- How far over the baseline the server's RSS may stay once the chaos is
 -- gone. The baseline is taken once the well-behaved clients are in (and,
@@ -164,7 +164,7 @@ end
 local function start_world(nsse, nws)
   local w = { nwatchers = nsse + nws }
   w.server = proc.spawn(("env %s %s lua5.4 spec/chaos/server.lua %s %s"):format(proc.lua_env(), VALGRIND or "",
-    quote(dir .. "/cert.pem"), quote(dir .. "/key.pem")), { watchdog = 300 })
+    quote(dir .. "/cert.pem"), quote(dir .. "/key.pem")), { watchdog = 300, herald = true })
   defer(function()
     local _, exited, stderr = w.server:stop(5000, "KILL")
     if not exited and stderr ~= "" then report("the server's stderr", stderr) end

@@ -776,7 +776,17 @@ function herald.run(opts)
   local o = options.check(run_schema(), opts, "herald.run", 2)
   if o.workers == 1 then return core.run() end
   check_workers(o.workers)
-  local role, ok = core.workers(o.workers, o.max_restarts)
+  -- a worker serves once its brokers are connected again (a publish in its
+  -- first milliseconds would fail otherwise); connect_timeout bounds the wait
+  local function ready()
+    for app in pairs(apps) do
+      if app.broker then
+        local ok, why = app.broker:wait(math.floor(app.broker_config.connect_timeout * 1000), false)
+        if not ok then app:_log("worker: broker: " .. tostring(why)) end
+      end
+    end
+  end
+  local role, ok = core.workers(o.workers, o.max_restarts, ready)
   if role == "worker" then os.exit(ok, true) end
 end
 herald.stop = core.stop
