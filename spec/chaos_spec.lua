@@ -62,6 +62,10 @@ local dir -- certificate, key, clients' output
 local hello -- a real TLS ClientHello (Python's ssl, through memory BIOs)
 
 setup(function()
+  -- where the cuts fall is random: the seed is printed, and repeats them
+  local seed = tonumber(os.getenv("HERALD_CHAOS_SEED")) or os.time()
+  math.randomseed(seed)
+  io.stderr:write(("chaos: seed %d (HERALD_CHAOS_SEED=%d repeats the cuts)\n"):format(seed, seed))
   local p = assert(io.popen("mktemp -d /tmp/herald-chaos.XXXXXX"))
   dir = p:read("l")
   p:close()
@@ -135,7 +139,7 @@ local function stats_until(w, pred, timeout, what)
     if pred(s) then return true end
     t.sleep(50)
   end, timeout or 20, what)
-  if not ok then error(("%s; the last stats: %s"):format(err, show_counts(counts(s))), 2) end
+  if not ok then error(("%s; the last stats: %s"):format(err, s and show_counts(counts(s)) or "none"), 2) end
   return s
 end
 
