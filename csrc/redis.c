@@ -1,5 +1,6 @@
 #include "redis.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -420,7 +421,10 @@ static int start_tls(redis_conn_t *r) {
   }
   SSL_set_bio(r->ssl, r->rbio, r->wbio);
   SSL_set_connect_state(r->ssl);
-  SSL_set_tlsext_host_name(r->ssl, r->url.host);
+  /* no SNI for an address (RFC 6066, 3); SSL_set1_host checks either */
+  struct in6_addr ip;
+  if (inet_pton(AF_INET, r->url.host, &ip) != 1 && inet_pton(AF_INET6, r->url.host, &ip) != 1)
+    SSL_set_tlsext_host_name(r->ssl, r->url.host);
   if (SSL_CTX_get_verify_mode(r->ssl_ctx) & SSL_VERIFY_PEER) SSL_set1_host(r->ssl, r->url.host);
   return 0;
 }
