@@ -510,28 +510,51 @@ static void connect_now(redis_conn_t *r) {
   }
 }
 
-static SSL_CTX *client_tls(const redis_tls_options_t *o, char *err, size_t errlen) {
-  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
-  if (!ctx) goto fail;
-  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-  if (o && o->verify) {
-    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
-    int ok = o->ca_file ? SSL_CTX_load_verify_locations(ctx, o->ca_file, NULL)
-                        : SSL_CTX_set_default_verify_paths(ctx);
-    if (!ok) goto fail;
-  }
-  if (o && o->cert_file && (SSL_CTX_use_certificate_chain_file(ctx, o->cert_file) != 1 ||
-                            SSL_CTX_use_PrivateKey_file(ctx, o->key_file ? o->key_file : o->cert_file,
-                                                        SSL_FILETYPE_PEM) != 1))
-    goto fail;
-  return ctx;
-fail:;
+/* "broker: tls.<what> FILE: OpenSSL's reason" in err ("broker: TLS: ..."
+ * without what). */
+static void tls_file_failed(char *err, size_t errlen, const char *what, const char *file) {
   char reason[256] = "unknown error";
   unsigned long e = ERR_get_error();
   if (e) ERR_error_string_n(e, reason, sizeof reason);
   ERR_clear_error();
-  snprintf(err, errlen, "broker TLS setup: %s", reason);
-  if (ctx) SSL_CTX_free(ctx);
+  if (what) snprintf(err, errlen, "broker: tls.%s %s: %s", what, file, reason);
+  else snprintf(err, errlen, "broker: TLS: %s", reason);
+}
+
+static SSL_CTX *client_tls(const redis_tls_options_t *o, char *err, size_t errlen) {
+  if (o && o->key_file && !o->cert_file) {
+    snprintf(err, errlen, "broker: tls.key %s without tls.cert", o->key_file);
+    return NULL;
+  }
+  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+  if (!ctx) {
+    tls_file_failed(err, errlen, NULL, NULL);
+    return NULL;
+  }
+  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+  if (o && o->verify) {
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    if (o->ca_file ? !SSL_CTX_load_verify_locations(ctx, o->ca_file, NULL)
+                   : !SSL_CTX_set_default_verify_paths(ctx)) {
+      tls_file_failed(err, errlen, "ca", o->ca_file ? o->ca_file : "(the system's trust store)");
+      goto fail;
+    }
+  }
+  if (o && o->cert_file) {
+    /* the key may be in the certificate's file */
+    const char *key = o->key_file ? o->key_file : o->cert_file;
+    if (SSL_CTX_use_certificate_chain_file(ctx, o->cert_file) != 1) {
+      tls_file_failed(err, errlen, "cert", o->cert_file);
+      goto fail;
+    }
+    if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
+      tls_file_failed(err, errlen, "key", key);
+      goto fail;
+    }
+  }
+  return ctx;
+fail:
+  SSL_CTX_free(ctx);
   return NULL;
 }
 
