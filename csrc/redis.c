@@ -292,7 +292,7 @@ static void become_ready(redis_conn_t *r) {
   if (r->ev.on_ready) r->ev.on_ready(r, r->ev.ud);
 }
 
-/* AUTH and SELECT answered: the last one makes the connection ready. */
+/* AUTH, SELECT and PING answered: the last one makes the connection ready. */
 static void on_handshake_reply(void *ud, redisReply *reply, const char *err) {
   redis_conn_t *r = ud;
   if (err) {
@@ -306,13 +306,19 @@ static void on_handshake_reply(void *ud, redisReply *reply, const char *err) {
   if (r->nwaiting == 0) become_ready(r);
 }
 
-/* The transport is up: authenticate and pick the database. */
+/* The transport is up: authenticate, pick the database, and have Redis
+ * answer a PING before the connection counts as ready (and the backoff
+ * starts again from its minimum): a server that accepts and then refuses
+ * (maxclients: an error and a close), something else on the port, or a
+ * Redis that does not answer (the connect timeout) is a failed attempt,
+ * not a connection that comes and goes at once. */
 static void start_session(redis_conn_t *r) {
   r->state = HANDSHAKE;
   char db[16];
   snprintf(db, sizeof db, "%d", r->url.db);
   const char *auth[] = {"AUTH", r->url.user, r->url.password};
   const char *select[] = {"SELECT", db};
+  const char *ping[] = {"PING"};
   int rc = 0;
   if (r->url.password && r->url.user)
     rc |= send_command(r, 3, auth, NULL, on_handshake_reply, r);
@@ -321,8 +327,8 @@ static void start_session(redis_conn_t *r) {
     rc |= send_command(r, 2, auth, NULL, on_handshake_reply, r);
   }
   if (r->url.db) rc |= send_command(r, 2, select, NULL, on_handshake_reply, r);
+  rc |= send_command(r, 1, ping, NULL, on_handshake_reply, r);
   if (rc) lose(r, "out of memory");
-  else if (r->nwaiting == 0) become_ready(r);
 }
 
 static void tls_failed(redis_conn_t *r) {
