@@ -12,6 +12,8 @@
 /* Past this much unwritten output, commands are refused: Redis is not
  * keeping up, and the caller must know rather than queue without end. */
 #define MAX_UNWRITTEN (64u << 20)
+/* After a failed write, how long the read side has to report the loss. */
+#define WRITE_FAILED_GRACE_MS 100
 
 enum { DOWN, RESOLVING, CONNECTING, HANDSHAKE, READY };
 
@@ -36,6 +38,7 @@ struct redis_conn {
   unsigned backoff_ms;
   unsigned generation;     /* renewed at each loss: callbacks check it */
   int state, push, closing, handles;
+  int write_failed;        /* a write's error (libuv's), until the read side ends the socket */
   char read_buf[65536];
 };
 
@@ -169,6 +172,7 @@ static void drop_socket(redis_conn_t *r) {
   if (r->reader) redisReaderFree(r->reader);
   r->reader = NULL;
   r->unwritten = 0;
+  r->write_failed = 0;
 }
 
 /* The connection is gone: every waiting command learns it, the owner
@@ -194,7 +198,8 @@ static void lose(redis_conn_t *r, const char *why) {
 
 static void on_timer(uv_timer_t *t) {
   redis_conn_t *r = t->data;
-  if (r->state == DOWN) connect_now(r);
+  if (r->write_failed) lose(r, uv_strerror(r->write_failed));
+  else if (r->state == DOWN) connect_now(r);
   else if (r->state != READY) lose(r, "connect timed out");
 }
 
@@ -211,12 +216,21 @@ static void on_written(uv_write_t *req, int status) {
   redis_conn_t *r = w->r;
   if (r && w->generation == r->generation && !r->closing) {
     r->unwritten -= w->len;
-    if (status < 0) lose(r, uv_strerror(status));
+    if (status < 0 && !r->write_failed) {
+      /* The peer has gone. What it said before it went (an error reply,
+       * "max number of clients reached", a TLS alert) may wait to be read,
+       * and says more than "connection reset": the read side, which now
+       * sees it and the end, loses the connection; this timer only if it
+       * does not. Commands meanwhile wait for that loss's answer. */
+      r->write_failed = status;
+      uv_timer_start(r->timer, on_timer, WRITE_FAILED_GRACE_MS, 0);
+    }
   }
   free(w);
 }
 
 static int write_raw(redis_conn_t *r, const char *data, size_t len) {
+  if (r->write_failed) return 0; /* the socket is dead: see on_written */
   write_req_t *w = malloc(sizeof *w + len);
   if (!w) return -1;
   w->r = r;
