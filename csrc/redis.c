@@ -20,6 +20,7 @@ enum { DOWN, RESOLVING, CONNECTING, HANDSHAKE, READY };
 typedef struct waiter {
   redis_reply_fn fn;
   void *ud;
+  uint64_t sent_ms;        /* loop time it was sent */
 } waiter_t;
 
 struct redis_conn {
@@ -39,6 +40,8 @@ struct redis_conn {
   unsigned generation;     /* renewed at each loss: callbacks check it */
   int state, push, closing, handles;
   int write_failed;        /* a write's error (libuv's), until the read side ends the socket */
+  int ping_waiting;        /* push mode: a PING of ours not answered yet */
+  uint64_t ping_sent_ms, last_read_ms;
   char read_buf[65536];
 };
 
@@ -196,11 +199,37 @@ static void lose(redis_conn_t *r, const char *why) {
   r->backoff_ms = r->backoff_ms * 2 > REDIS_BACKOFF_MAX_MS ? REDIS_BACKOFF_MAX_MS : r->backoff_ms * 2;
 }
 
+static int send_command(redis_conn_t *r, int argc, const char **argv, const size_t *lens,
+                        redis_reply_fn fn, void *ud);
+
+/* Every REDIS_CHECK_MS while ready: a Redis that stopped answering (hung,
+ * or cut off without a reset: a network partition) is lost once what we
+ * sent waited REDIS_REPLY_TIMEOUT_MS, like one that closed the connection;
+ * a quiet connection is asked a PING, so that a pub/sub connection that
+ * hears nothing is known to be alive, not assumed to be. */
+static void check_alive(redis_conn_t *r) {
+  uint64_t now = uv_now(r->loop);
+  int waiting = r->nwaiting > 0 || r->ping_waiting;
+  uint64_t since = r->nwaiting ? r->waiting[r->head].sent_ms : r->ping_sent_ms;
+  if (waiting && now - since >= REDIS_REPLY_TIMEOUT_MS) {
+    char why[64];
+    snprintf(why, sizeof why, "no answer from Redis in %u s", REDIS_REPLY_TIMEOUT_MS / 1000);
+    return lose(r, why);
+  }
+  if (waiting || now - r->last_read_ms < REDIS_PING_IDLE_MS) return;
+  const char *ping[] = {"PING"};
+  if (send_command(r, 1, ping, NULL, NULL, NULL) == 0 && r->push) {
+    r->ping_waiting = 1; /* its answer comes in push mode: see take_replies */
+    r->ping_sent_ms = now;
+  }
+}
+
 static void on_timer(uv_timer_t *t) {
   redis_conn_t *r = t->data;
   if (r->write_failed) lose(r, uv_strerror(r->write_failed));
   else if (r->state == DOWN) connect_now(r);
   else if (r->state != READY) lose(r, "connect timed out");
+  else check_alive(r);
 }
 
 typedef struct write_req {
@@ -273,7 +302,7 @@ static int push_waiter(redis_conn_t *r, redis_reply_fn fn, void *ud) {
     r->head = 0;
     r->cap = cap;
   }
-  r->waiting[(r->head + r->nwaiting) % r->cap] = (waiter_t){fn, ud};
+  r->waiting[(r->head + r->nwaiting) % r->cap] = (waiter_t){fn, ud, uv_now(r->loop)};
   r->nwaiting++;
   return 0;
 }
@@ -302,7 +331,9 @@ int redis_command(redis_conn_t *r, int argc, const char **argv, const size_t *le
 static void become_ready(redis_conn_t *r) {
   r->state = READY;
   r->backoff_ms = REDIS_BACKOFF_MIN_MS;
-  uv_timer_stop(r->timer);
+  r->ping_waiting = 0;
+  r->last_read_ms = uv_now(r->loop);
+  uv_timer_start(r->timer, on_timer, REDIS_CHECK_MS, REDIS_CHECK_MS);
   if (r->ev.on_ready) r->ev.on_ready(r, r->ev.ud);
 }
 
@@ -368,6 +399,13 @@ static void tls_handshake(redis_conn_t *r) {
   if (SSL_get_error(r->ssl, rc) != SSL_ERROR_WANT_READ) tls_failed(r);
 }
 
+/* PING's answer: "+PONG", or ["pong", ""] once subscribed. */
+static int is_pong(const redisReply *rep) {
+  if (rep->type == REDIS_REPLY_STATUS) return strcmp(rep->str, "PONG") == 0;
+  return rep->type == REDIS_REPLY_ARRAY && rep->elements >= 1 &&
+         rep->element[0]->type == REDIS_REPLY_STRING && strcmp(rep->element[0]->str, "pong") == 0;
+}
+
 /* Hands each complete reply to whoever waits for it. */
 static void take_replies(redis_conn_t *r) {
   unsigned gen = r->generation;
@@ -377,7 +415,8 @@ static void take_replies(redis_conn_t *r) {
     if (!reply) return;
     redisReply *rep = reply;
     if (r->push && r->state == READY) {
-      if (r->ev.on_push) r->ev.on_push(r, rep, r->ev.ud);
+      if (is_pong(rep)) r->ping_waiting = 0; /* ours (check_alive) */
+      else if (r->ev.on_push) r->ev.on_push(r, rep, r->ev.ud);
     } else if (r->nwaiting) {
       waiter_t w = pop_waiter(r);
       if (w.fn) w.fn(w.ud, rep, rep->type == REDIS_REPLY_ERROR ? rep->str : NULL);
@@ -405,6 +444,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   redis_conn_t *r = s->data;
   if (n == 0) return;
   if (n < 0) return lose(r, n == UV_EOF ? "Redis closed the connection" : uv_strerror((int)n));
+  r->last_read_ms = uv_now(r->loop);
   if (!r->ssl) {
     if (feed(r, buf->base, (size_t)n) != 0) return lose(r, "reply too large");
     return take_replies(r);
