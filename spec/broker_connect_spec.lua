@@ -437,6 +437,31 @@ describe("broker connection", function()
       receive(s, "after")
     end)
 
+    it("a Redis that stops answering is lost after 5 s, and found again when it answers", function()
+      local srv = server()
+      local a, b = node { redis = srv.url }, node { redis = srv.url }
+      assert.truthy(listen(a))
+      assert.truthy(listen(b))
+      local s = t.sse(a, "/s/news")
+      watched(srv, "news", 1)
+      srv.process:signal("STOP") -- as a network partition: no close, no reset
+      local answered, id, err
+      assert.is_true(b:publish("news", "x", { done = function(i, e) answered, id, err = true, i, e end }))
+      local ms = timed(function() t.wait(function() return answered end, 8, "the publish's answer") end)
+      assert.is_true(ms >= 4000 and ms < 7000, ms .. " ms")
+      assert.is_nil(id)
+      assert.equal("no answer from Redis in 5 s", err)
+      assert.same({ up = false, error = "no answer from Redis in 5 s" }, b:stats().broker)
+      assert.same({ nil, "broker unavailable: no answer from Redis in 5 s" }, { b:publish("news", "y") })
+      -- a sent nothing: the PINGs on its quiet connections go unanswered
+      t.wait(function() return not a:stats().broker.up end, 8, "a's broker down")
+      srv.process:signal("CONT")
+      t.wait(function() return a:stats().broker.up and b:stats().broker.up end, 8, "the brokers up again")
+      watched(srv, "news", 1)
+      assert.truthy(publish(b, "news", "after"))
+      receive(s, "after")
+    end)
+
     it("a publish under way when Redis dies: done(nil, why)", function()
       local srv = server()
       local app = node { redis = srv.url }
