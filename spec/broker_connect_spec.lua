@@ -1,8 +1,8 @@
 -- The Redis broker's connection: URL forms (password, ACL user, database,
--- prefix) and bad URLs; startup (Redis down, wrong password, a Redis that
--- never answers, broker.wait); rediss:// (the server's certificate checked,
--- client certificates); Redis lost at run time (killed and restarted on the
--- same port, its connections cut with CLIENT KILL).
+-- prefix) and bad URLs; startup (Redis down, refusing, full, not Redis, not
+-- answering; broker.wait); rediss:// (the server's certificate checked,
+-- client certificates, bad files); Redis lost at run time (killed and
+-- restarted on the same port, stopped, its connections cut with CLIENT KILL).
 --
 -- Real redis-server processes on free ports (spec/support/redis.lua); the
 -- herald nodes are apps in this process driven with herald.test (two apps
@@ -51,14 +51,26 @@ local function timed(fn)
   return core.now() - start, table.unpack(r, 1, r.n)
 end
 
+-- Publishes through app without waiting: app:publish's results, and a
+-- table that done fills with { id, err }.
+local function publish_async(app, topic, data)
+  local answer = {}
+  local ok, why = app:publish(topic, data, { done = function(id, err) answer[1], answer[2] = id, err end })
+  return ok, why, answer
+end
+
+-- Waits for done(id, err) to fill answer (see publish_async): id, err.
+local function answered(answer, timeout)
+  t.wait(function() return answer[1] or answer[2] end, timeout, "Redis's answer to a publish")
+  return answer[1], answer[2]
+end
+
 -- Publishes through app and waits for Redis's answer: returns the id, or
 -- nil and why.
 local function publish(app, topic, data)
-  local answered, id, err
-  local ok, why = app:publish(topic, data, { done = function(i, e) answered, id, err = true, i, e end })
+  local ok, why, answer = publish_async(app, topic, data)
   if not ok then return nil, why end
-  t.wait(function() return answered end, nil, "Redis's answer to a publish")
-  return id, err
+  return answered(answer)
 end
 
 -- Waits until n clients of Redis subscribe to the topic's channel.
@@ -82,17 +94,54 @@ local function receive(s, data, timeout)
   error(("no event %q on the stream (saw: %s)"):format(data, table.concat(seen, ", ")), 2)
 end
 
--- A subscriber on node a (topic watched in Redis) gets what node b publishes.
-local function assert_fanout(srv, a, b, topic, prefix)
-  local s = t.sse(a, "/s/" .. topic)
+-- An SSE subscriber of topic on app, once Redis has the topic watched.
+local function subscriber(srv, app, topic, prefix)
+  local s = t.sse(app, "/s/" .. topic)
   assert.equal(200, s.status)
   watched(srv, topic, 1, prefix)
+  return s
+end
+
+-- Once the topic is watched again, what node b publishes reaches stream s.
+local function assert_delivers(srv, s, b, topic, data)
+  watched(srv, topic, 1)
+  local id, err = publish(b, topic, data)
+  assert(id, err)
+  assert.equal(id, receive(s, data).id)
+end
+
+-- A subscriber on node a gets what node b publishes.
+local function assert_fanout(srv, a, b, topic, prefix)
+  local s = subscriber(srv, a, topic, prefix)
   local data = "from b: " .. topic .. " " .. core.now()
   local id, err = publish(b, topic, data)
   assert(id, err)
   assert.equal(id, receive(s, data).id)
   s:close()
-  return id
+end
+
+-- Two nodes with these broker options, listening.
+local function two_nodes(broker)
+  local apps = {}
+  for i = 1, 2 do
+    local o = {}
+    for k, v in pairs(broker) do o[k] = v end
+    apps[i] = node(o)
+    assert.truthy(listen(apps[i]))
+  end
+  return apps[1], apps[2]
+end
+
+-- Waits until every app's broker is up; returns how long it took (ms).
+local function wait_up(apps, timeout)
+  return (timed(function()
+    t.wait(function()
+      for _, app in ipairs(apps) do
+        if not app:stats().broker.up then return false end
+      end
+      return true
+    end, timeout, "the brokers up")
+  end))
 end
 
 -- Keys matching pattern in database db, sorted.
@@ -142,10 +191,7 @@ describe("broker connection", function()
     it("authenticates with the password in the URL (requirepass), %-escapes decoded", function()
       local password = "s3:cr@t/%"
       local srv = server { password = password }
-      local url = ("redis://:%s@127.0.0.1:%d/0"):format("s3%3Acr%40t%2F%25", srv.port)
-      local a, b = node { redis = url }, node { redis = url }
-      assert.truthy(listen(a))
-      assert.truthy(listen(b))
+      local a, b = two_nodes { redis = ("redis://:%s@127.0.0.1:%d/0"):format("s3%3Acr%40t%2F%25", srv.port) }
       assert_fanout(srv, a, b, "news")
       assert.same({ default = 4 }, client_users(srv)) -- two connections a node
     end)
@@ -153,10 +199,7 @@ describe("broker connection", function()
     it("logs in as an ACL user (user:password)", function()
       local srv = server()
       assert.equal("OK", srv:cli("ACL", "SETUSER", "hrld", "on", ">pass word", "~*", "&*", "+@all"))
-      local url = ("redis://hrld:pass%%20word@127.0.0.1:%d/0"):format(srv.port)
-      local a, b = node { redis = url }, node { redis = url }
-      assert.truthy(listen(a))
-      assert.truthy(listen(b))
+      local a, b = two_nodes { redis = ("redis://hrld:pass%%20word@127.0.0.1:%d/0"):format(srv.port) }
       assert_fanout(srv, a, b, "news")
       assert.same({ hrld = 4 }, client_users(srv))
 
@@ -168,10 +211,7 @@ describe("broker connection", function()
 
     it("selects the database in the URL: herald's keys are there, not in db 0", function()
       local srv = server()
-      local url = ("redis://127.0.0.1:%d/3"):format(srv.port)
-      local a, b = node { redis = url }, node { redis = url }
-      assert.truthy(listen(a))
-      assert.truthy(listen(b))
+      local a, b = two_nodes { redis = ("redis://127.0.0.1:%d/3"):format(srv.port) }
       assert_fanout(srv, a, b, "news")
       assert.same({ "herald:epoch", "herald:h:news", "herald:last:news", "herald:seq" }, keys(srv, 3, "*"))
       assert.same({}, keys(srv, 0, "*"))
@@ -179,11 +219,10 @@ describe("broker connection", function()
 
     it("keeps keys and channels under a custom prefix, apart from other prefixes", function()
       local srv = server()
-      local a, b = node { redis = srv.url, prefix = "app1:" }, node { redis = srv.url, prefix = "app1:" }
+      local a, b = two_nodes { redis = srv.url, prefix = "app1:" }
       local other = node { redis = srv.url } -- "herald:"
-      for _, app in ipairs { a, b, other } do assert.truthy(listen(app)) end
-      local elsewhere = t.sse(other, "/s/news")
-      watched(srv, "news", 1)
+      assert.truthy(listen(other))
+      local elsewhere = subscriber(srv, other, "news")
       assert_fanout(srv, a, b, "news", "app1:")
       assert.same({ "app1:epoch", "app1:h:news", "app1:last:news", "app1:seq" }, keys(srv, 0, "app1:*"))
       assert.same({ "herald:epoch" }, keys(srv, 0, "herald:*")) -- the other node's, and no message
@@ -318,8 +357,7 @@ describe("broker connection", function()
     it("a node subscribes and another publishes over TLS (by name and by address)", function()
       local a = node { redis = tls_server.url, tls = { ca = ca.cert } }
       local b = node { redis = tls_server.url:gsub("localhost", "127.0.0.1"), tls = { ca = ca.cert } }
-      assert.truthy(listen(a))
-      assert.truthy(listen(b))
+      for _, app in ipairs { a, b } do assert.truthy(listen(app)) end
       assert_fanout(tls_server, a, b, "news")
       assert_fanout(tls_server, b, a, "sport")
     end)
@@ -355,10 +393,7 @@ describe("broker connection", function()
       port, err = listen(foreign)
       assert.is_nil(port)
       assert.matches("TLS: .*unknown ca", err)
-      local tls = { ca = ca.cert, cert = client.cert, key = client.key }
-      local a, b = node { redis = srv.url, tls = tls }, node { redis = srv.url, tls = tls }
-      assert.truthy(listen(a))
-      assert.truthy(listen(b))
+      local a, b = two_nodes { redis = srv.url, tls = { ca = ca.cert, cert = client.cert, key = client.key } }
       assert_fanout(srv, a, b, "news")
     end)
 
@@ -382,13 +417,9 @@ describe("broker connection", function()
   describe("at run time", function()
     it("Redis killed: the broker goes down and publish is refused; back after a restart", function()
       local srv = server()
-      local a, b = node { redis = srv.url }, node { redis = srv.url }
-      assert.truthy(listen(a))
-      assert.truthy(listen(b))
-      local s = t.sse(a, "/s/news")
-      watched(srv, "news", 1)
-      assert.truthy(publish(b, "news", "before"))
-      receive(s, "before")
+      local a, b = two_nodes { redis = srv.url }
+      local s = subscriber(srv, a, "news")
+      assert_delivers(srv, s, b, "news", "before")
 
       srv:kill()
       t.wait(function() return not a:stats().broker.up and not b:stats().broker.up end, nil, "the brokers down")
@@ -405,49 +436,35 @@ describe("broker connection", function()
       assert.is_false(s:closed(), "the subscriber stays connected")
 
       srv:start()
-      local ms = timed(function()
-        t.wait(function() return a:stats().broker.up and b:stats().broker.up end, 6, "the brokers up again")
-      end)
+      local ms = wait_up({ a, b }, 6)
       assert.is_true(ms < 3000, ms .. " ms") -- the backoff was at most 800 ms
       assert.same({ up = true }, a:stats().broker)
-      watched(srv, "news", 1)
-      assert.truthy(publish(b, "news", "after"))
-      receive(s, "after")
+      assert_delivers(srv, s, b, "news", "after")
     end)
 
     it("a long outage: the retries back off to 5 s, not more, and delivery resumes", function()
       local srv = server()
-      local a, b = node { redis = srv.url }, node { redis = srv.url }
-      assert.truthy(listen(a))
-      assert.truthy(listen(b))
-      local s = t.sse(a, "/s/news")
-      watched(srv, "news", 1)
+      local a, b = two_nodes { redis = srv.url }
+      local s = subscriber(srv, a, "news")
       local killed = core.now()
       srv:kill()
       -- attempts 0.1, 0.3, 0.7, 1.5, 3.1 and 6.3 s after the loss; then every 5 s
       t.sleep(6500 - (core.now() - killed))
       srv:start()
-      local ms = timed(function()
-        t.wait(function() return a:stats().broker.up and b:stats().broker.up end, 8, "the brokers up again")
-      end)
+      local ms = wait_up({ a, b }, 8)
       assert.is_true(ms < 5500, ms .. " ms after the restart")
       assert.is_false(s:closed(), "the subscriber stays connected")
-      watched(srv, "news", 1)
-      assert.truthy(publish(b, "news", "after"))
-      receive(s, "after")
+      assert_delivers(srv, s, b, "news", "after")
     end)
 
     it("a Redis that stops answering is lost after 5 s, and found again when it answers", function()
       local srv = server()
-      local a, b = node { redis = srv.url }, node { redis = srv.url }
-      assert.truthy(listen(a))
-      assert.truthy(listen(b))
-      local s = t.sse(a, "/s/news")
-      watched(srv, "news", 1)
+      local a, b = two_nodes { redis = srv.url }
+      local s = subscriber(srv, a, "news")
       srv.process:signal("STOP") -- as a network partition: no close, no reset
-      local answered, id, err
-      assert.is_true(b:publish("news", "x", { done = function(i, e) answered, id, err = true, i, e end }))
-      local ms = timed(function() t.wait(function() return answered end, 8, "the publish's answer") end)
+      local ok, _, answer = publish_async(b, "news", "x")
+      assert.is_true(ok)
+      local ms, id, err = timed(function() return answered(answer, 8) end)
       assert.is_true(ms >= 4000 and ms < 7000, ms .. " ms")
       assert.is_nil(id)
       assert.equal("no answer from Redis in 5 s", err)
@@ -456,10 +473,8 @@ describe("broker connection", function()
       -- a sent nothing: the PINGs on its quiet connections go unanswered
       t.wait(function() return not a:stats().broker.up end, 8, "a's broker down")
       srv.process:signal("CONT")
-      t.wait(function() return a:stats().broker.up and b:stats().broker.up end, 8, "the brokers up again")
-      watched(srv, "news", 1)
-      assert.truthy(publish(b, "news", "after"))
-      receive(s, "after")
+      wait_up({ a, b }, 8)
+      assert_delivers(srv, s, b, "news", "after")
     end)
 
     it("a publish under way when Redis dies: done(nil, why)", function()
@@ -467,12 +482,12 @@ describe("broker connection", function()
       local app = node { redis = srv.url }
       assert.truthy(listen(app))
       srv.process:signal("STOP")
-      local answered, id, err
-      assert.is_true(app:publish("news", "x", { done = function(i, e) answered, id, err = true, i, e end }))
+      local ok, _, answer = publish_async(app, "news", "x")
+      assert.is_true(ok)
       t.sleep(50)
-      assert.is_nil(answered)
+      assert.same({}, answer)
       srv:kill()
-      t.wait(function() return answered end, nil, "done")
+      local id, err = answered(answer)
       assert.is_nil(id)
       assert.is_string(err)
     end)
@@ -507,47 +522,38 @@ describe("broker connection", function()
 
     it("CLIENT KILL TYPE pubsub: the node subscribes again and catches up", function()
       local srv = server()
-      local a, b = node { redis = srv.url }, node { redis = srv.url }
-      assert.truthy(listen(a))
-      assert.truthy(listen(b))
-      local s = t.sse(a, "/s/news")
-      watched(srv, "news", 1)
-      assert.truthy(publish(b, "news", "before"))
-      receive(s, "before")
+      local a, b = two_nodes { redis = srv.url }
+      local s = subscriber(srv, a, "news")
+      assert_delivers(srv, s, b, "news", "before")
       assert.equal("1", srv:cli("CLIENT", "KILL", "TYPE", "pubsub"))
       -- published before a subscribes again: a reads it from the history
       assert.truthy(publish(b, "news", "meanwhile"))
       receive(s, "meanwhile")
-      watched(srv, "news", 1)
-      assert.truthy(publish(b, "news", "after"))
-      receive(s, "after")
+      assert_delivers(srv, s, b, "news", "after")
       assert.same({ up = true }, a:stats().broker)
     end)
 
     it("CLIENT KILL TYPE normal: the nodes reconnect and keep delivering", function()
       local srv = server()
-      local a, b = node { redis = srv.url }, node { redis = srv.url }
-      assert.truthy(listen(a))
-      assert.truthy(listen(b))
-      local s = t.sse(a, "/s/news")
-      watched(srv, "news", 1)
+      local a, b = two_nodes { redis = srv.url }
+      local s = subscriber(srv, a, "news")
       -- commands of both, and b's pub/sub connection (it watches nothing)
       assert.equal("3", srv:cli("CLIENT", "KILL", "TYPE", "normal"))
       -- the nodes have not seen it yet: these publishes are sent, and answered with an error
       local answers = {}
-      for _, app in ipairs { a, b } do
-        assert.is_true(app:publish("news", "lost", { done = function(id, err) answers[app] = { id, err } end }))
+      for i, app in ipairs { a, b } do
+        local ok, why
+        ok, why, answers[i] = publish_async(app, "news", "lost")
+        assert.is_true(ok, why)
       end
-      t.wait(function() return answers[a] and answers[b] end, nil, "the publishes' answers")
-      for _, answer in pairs(answers) do
-        assert.is_nil(answer[1])
-        assert.is_string(answer[2])
+      for _, answer in ipairs(answers) do
+        local id, err = answered(answer)
+        assert.is_nil(id)
+        assert.is_string(err)
       end
-      t.wait(function() return a:stats().broker.up and b:stats().broker.up end, nil, "the brokers up again")
-      assert.truthy(publish(b, "news", "from b"))
-      receive(s, "from b")
-      assert.truthy(publish(a, "news", "from a"))
-      receive(s, "from a")
+      wait_up { a, b }
+      assert_delivers(srv, s, b, "news", "from b")
+      assert_delivers(srv, s, a, "news", "from a")
       assert_fanout(srv, b, a, "sport")
     end)
   end)
