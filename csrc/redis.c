@@ -1,5 +1,7 @@
 #include "redis.h"
 
+#include "server.h" /* server_ignore_sigpipe */
+
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <openssl/err.h>
@@ -620,6 +622,9 @@ fail:
 
 redis_conn_t *redis_open(uv_loop_t *loop, const redis_url_t *url, const redis_tls_options_t *tls,
                          const redis_events_t *ev, char *err, size_t errlen) {
+  /* Our writes too meet peers that reset (Redis killed, CLIENT KILL), and an
+   * app with a broker writes before it listens, or never does. */
+  server_ignore_sigpipe();
   redis_conn_t *r = calloc(1, sizeof *r);
   if (!r) return snprintf(err, errlen, "out of memory"), NULL;
   r->loop = loop;
