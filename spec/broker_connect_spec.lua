@@ -271,7 +271,7 @@ describe("broker connection", function()
   end)
 
   describe("startup", function()
-    it("Redis down: listen fails at once, naming the URL (no password) and why", function()
+    it("Redis down: listen fails at once, naming the URL (no password) and why #timing", function()
       local port = proc.free_port()
       local app = node { redis = ("redis://:secret@127.0.0.1:%d/0"):format(port), connect_timeout = 5 }
       local ms, bound, err = timed(function() return listen(app) end)
@@ -294,7 +294,7 @@ describe("broker connection", function()
       assert.matches("NOAUTH", err, nil, true)
     end)
 
-    it("a Redis that accepts and never answers: listen gives up after connect_timeout", function()
+    it("a Redis that accepts and never answers: listen gives up after connect_timeout #timing", function()
       local srv = server()
       srv.process:signal("STOP") -- the kernel still accepts connections
       local app = node { redis = srv.url, connect_timeout = 0.3 }
@@ -316,7 +316,7 @@ describe("broker connection", function()
       assert.matches("^listen: broker: Redis at redis://127%.0%.0%.1:%d+/0: ERR max number of clients reached$", err)
     end)
 
-    it("something else on the port: listen fails, and the attempts back off", function()
+    it("something else on the port: listen fails, and the attempts back off #timing", function()
       local impostor = herald.new {} -- an HTTP server
       nodes[#nodes + 1] = impostor
       local app = node { redis = ("redis://127.0.0.1:%d/0"):format(listen(impostor)) }
@@ -329,7 +329,7 @@ describe("broker connection", function()
       assert.is_true(attempts >= 4 and attempts <= 10, attempts .. " attempts")
     end)
 
-    it("wait = true: listen waits until a Redis started later answers", function()
+    it("wait = true: listen waits until a Redis started later answers #timing", function()
       local srv = redis.new()
       servers[#servers + 1] = srv
       local app = node { redis = srv.url, wait = true, connect_timeout = 0.2 }
@@ -418,7 +418,7 @@ describe("broker connection", function()
   end)
 
   describe("at run time", function()
-    it("Redis killed: the broker goes down and publish is refused; back after a restart", function()
+    it("Redis killed: the broker goes down and publish is refused; back after a restart #timing", function()
       local srv = server()
       local a, b = two_nodes { redis = srv.url }
       local s = subscriber(srv, a, "news")
@@ -445,7 +445,7 @@ describe("broker connection", function()
       assert_delivers(srv, s, b, "news", "after")
     end)
 
-    it("a long outage: the retries back off to 5 s, not more, and delivery resumes", function()
+    it("a long outage: the retries back off to 5 s, not more, and delivery resumes #timing", function()
       local srv = server()
       local a, b = two_nodes { redis = srv.url }
       local s = subscriber(srv, a, "news")
@@ -460,7 +460,7 @@ describe("broker connection", function()
       assert_delivers(srv, s, b, "news", "after")
     end)
 
-    it("a Redis that stops answering is lost after 5 s, and found again when it answers", function()
+    it("a Redis that stops answering is lost after 5 s, and found again when it answers #timing", function()
       local srv = server()
       local a, b = two_nodes { redis = srv.url }
       local s = subscriber(srv, a, "news")
