@@ -74,7 +74,9 @@ static void push_id(lua_State *L, uint32_t epoch, uint64_t seq) {
   lua_pushstring(L, id);
 }
 
-/* core.redis_broker(hub, { url, prefix, ca, cert, key, verify, topic_ttl_ms, max_pending }) */
+/* core.redis_broker(hub, { url, prefix, ca, cert, key, verify, topic_ttl_ms, max_pending })
+ * -> broker | nil, why, bad_url (true when the URL itself is wrong): the
+ * caller says which option is wrong, and where. */
 static int core_redis_broker(lua_State *L) {
   runtime_t *rt = bind_runtime(L);
   hub_t **hub = luaL_checkudata(L, 1, HUB_MT);
@@ -96,6 +98,15 @@ static int core_redis_broker(lua_State *L) {
   o.tls.verify = lua_isnil(L, -1) || lua_toboolean(L, -1);
   o.topic_ttl_ms = (uint64_t)bind_opt_integer(L, 2, "topic_ttl_ms", 86400000);
   o.max_pending = (unsigned)bind_opt_integer(L, 2, "max_pending", 10000);
+  redis_url_t url;
+  const char *bad;
+  if (redis_url_parse(o.url, &url, &bad) != 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, bad);
+    lua_pushboolean(L, 1);
+    return 3;
+  }
+  redis_url_free(&url);
   broker_handle_t *h = lua_newuserdatauv(L, sizeof *h, 1);
   h->rt = rt;
   h->broker = NULL;
@@ -104,7 +115,11 @@ static int core_redis_broker(lua_State *L) {
   lua_setiuservalue(L, -2, 1);
   char err[512];
   h->broker = redis_broker_new(rt, *hub, &o, err, sizeof err);
-  if (!h->broker) return luaL_error(L, "%s", err);
+  if (!h->broker) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
   return 1;
 }
 

@@ -1,5 +1,8 @@
 #include "redis.h"
 
+#include "server.h" /* server_ignore_sigpipe */
+
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
@@ -11,12 +14,15 @@
 /* Past this much unwritten output, commands are refused: Redis is not
  * keeping up, and the caller must know rather than queue without end. */
 #define MAX_UNWRITTEN (64u << 20)
+/* After a failed write, how long the read side has to report the loss. */
+#define WRITE_FAILED_GRACE_MS 100
 
 enum { DOWN, RESOLVING, CONNECTING, HANDSHAKE, READY };
 
 typedef struct waiter {
   redis_reply_fn fn;
   void *ud;
+  uint64_t sent_ms;        /* loop time it was sent */
 } waiter_t;
 
 struct redis_conn {
@@ -35,6 +41,9 @@ struct redis_conn {
   unsigned backoff_ms;
   unsigned generation;     /* renewed at each loss: callbacks check it */
   int state, push, closing, handles;
+  int write_failed;        /* a write's error (libuv's), until the read side ends the socket */
+  int ping_waiting;        /* push mode: a PING of ours not answered yet */
+  uint64_t ping_sent_ms, last_read_ms;
   char read_buf[65536];
 };
 
@@ -168,6 +177,7 @@ static void drop_socket(redis_conn_t *r) {
   if (r->reader) redisReaderFree(r->reader);
   r->reader = NULL;
   r->unwritten = 0;
+  r->write_failed = 0;
 }
 
 /* The connection is gone: every waiting command learns it, the owner
@@ -191,10 +201,37 @@ static void lose(redis_conn_t *r, const char *why) {
   r->backoff_ms = r->backoff_ms * 2 > REDIS_BACKOFF_MAX_MS ? REDIS_BACKOFF_MAX_MS : r->backoff_ms * 2;
 }
 
+static int send_command(redis_conn_t *r, int argc, const char **argv, const size_t *lens,
+                        redis_reply_fn fn, void *ud);
+
+/* Every REDIS_CHECK_MS while ready: a Redis that stopped answering (hung,
+ * or cut off without a reset: a network partition) is lost once what we
+ * sent waited REDIS_REPLY_TIMEOUT_MS, like one that closed the connection;
+ * a quiet connection is asked a PING, so that a pub/sub connection that
+ * hears nothing is known to be alive, not assumed to be. */
+static void check_alive(redis_conn_t *r) {
+  uint64_t now = uv_now(r->loop);
+  int waiting = r->nwaiting > 0 || r->ping_waiting;
+  uint64_t since = r->nwaiting ? r->waiting[r->head].sent_ms : r->ping_sent_ms;
+  if (waiting && now - since >= REDIS_REPLY_TIMEOUT_MS) {
+    char why[64];
+    snprintf(why, sizeof why, "no answer from Redis in %u s", REDIS_REPLY_TIMEOUT_MS / 1000);
+    return lose(r, why);
+  }
+  if (waiting || now - r->last_read_ms < REDIS_PING_IDLE_MS) return;
+  const char *ping[] = {"PING"};
+  if (send_command(r, 1, ping, NULL, NULL, NULL) == 0 && r->push) {
+    r->ping_waiting = 1; /* its answer comes in push mode: see take_replies */
+    r->ping_sent_ms = now;
+  }
+}
+
 static void on_timer(uv_timer_t *t) {
   redis_conn_t *r = t->data;
-  if (r->state == DOWN) connect_now(r);
+  if (r->write_failed) lose(r, uv_strerror(r->write_failed));
+  else if (r->state == DOWN) connect_now(r);
   else if (r->state != READY) lose(r, "connect timed out");
+  else check_alive(r);
 }
 
 typedef struct write_req {
@@ -210,12 +247,21 @@ static void on_written(uv_write_t *req, int status) {
   redis_conn_t *r = w->r;
   if (r && w->generation == r->generation && !r->closing) {
     r->unwritten -= w->len;
-    if (status < 0) lose(r, uv_strerror(status));
+    if (status < 0 && !r->write_failed) {
+      /* The peer has gone. What it said before it went (an error reply,
+       * "max number of clients reached", a TLS alert) may wait to be read,
+       * and says more than "connection reset": the read side, which now
+       * sees it and the end, loses the connection; this timer only if it
+       * does not. Commands meanwhile wait for that loss's answer. */
+      r->write_failed = status;
+      uv_timer_start(r->timer, on_timer, WRITE_FAILED_GRACE_MS, 0);
+    }
   }
   free(w);
 }
 
 static int write_raw(redis_conn_t *r, const char *data, size_t len) {
+  if (r->write_failed) return 0; /* the socket is dead: see on_written */
   write_req_t *w = malloc(sizeof *w + len);
   if (!w) return -1;
   w->r = r;
@@ -258,7 +304,7 @@ static int push_waiter(redis_conn_t *r, redis_reply_fn fn, void *ud) {
     r->head = 0;
     r->cap = cap;
   }
-  r->waiting[(r->head + r->nwaiting) % r->cap] = (waiter_t){fn, ud};
+  r->waiting[(r->head + r->nwaiting) % r->cap] = (waiter_t){fn, ud, uv_now(r->loop)};
   r->nwaiting++;
   return 0;
 }
@@ -287,11 +333,13 @@ int redis_command(redis_conn_t *r, int argc, const char **argv, const size_t *le
 static void become_ready(redis_conn_t *r) {
   r->state = READY;
   r->backoff_ms = REDIS_BACKOFF_MIN_MS;
-  uv_timer_stop(r->timer);
+  r->ping_waiting = 0;
+  r->last_read_ms = uv_now(r->loop);
+  uv_timer_start(r->timer, on_timer, REDIS_CHECK_MS, REDIS_CHECK_MS);
   if (r->ev.on_ready) r->ev.on_ready(r, r->ev.ud);
 }
 
-/* AUTH and SELECT answered: the last one makes the connection ready. */
+/* AUTH, SELECT and PING answered: the last one makes the connection ready. */
 static void on_handshake_reply(void *ud, redisReply *reply, const char *err) {
   redis_conn_t *r = ud;
   if (err) {
@@ -305,13 +353,19 @@ static void on_handshake_reply(void *ud, redisReply *reply, const char *err) {
   if (r->nwaiting == 0) become_ready(r);
 }
 
-/* The transport is up: authenticate and pick the database. */
+/* The transport is up: authenticate, pick the database, and have Redis
+ * answer a PING before the connection counts as ready (and the backoff
+ * starts again from its minimum): a server that accepts and then refuses
+ * (maxclients: an error and a close), something else on the port, or a
+ * Redis that does not answer (the connect timeout) is a failed attempt,
+ * not a connection that comes and goes at once. */
 static void start_session(redis_conn_t *r) {
   r->state = HANDSHAKE;
   char db[16];
   snprintf(db, sizeof db, "%d", r->url.db);
   const char *auth[] = {"AUTH", r->url.user, r->url.password};
   const char *select[] = {"SELECT", db};
+  const char *ping[] = {"PING"};
   int rc = 0;
   if (r->url.password && r->url.user)
     rc |= send_command(r, 3, auth, NULL, on_handshake_reply, r);
@@ -320,8 +374,8 @@ static void start_session(redis_conn_t *r) {
     rc |= send_command(r, 2, auth, NULL, on_handshake_reply, r);
   }
   if (r->url.db) rc |= send_command(r, 2, select, NULL, on_handshake_reply, r);
+  rc |= send_command(r, 1, ping, NULL, on_handshake_reply, r);
   if (rc) lose(r, "out of memory");
-  else if (r->nwaiting == 0) become_ready(r);
 }
 
 static void tls_failed(redis_conn_t *r) {
@@ -347,6 +401,13 @@ static void tls_handshake(redis_conn_t *r) {
   if (SSL_get_error(r->ssl, rc) != SSL_ERROR_WANT_READ) tls_failed(r);
 }
 
+/* PING's answer: "+PONG", or ["pong", ""] once subscribed. */
+static int is_pong(const redisReply *rep) {
+  if (rep->type == REDIS_REPLY_STATUS) return strcmp(rep->str, "PONG") == 0;
+  return rep->type == REDIS_REPLY_ARRAY && rep->elements >= 1 &&
+         rep->element[0]->type == REDIS_REPLY_STRING && strcmp(rep->element[0]->str, "pong") == 0;
+}
+
 /* Hands each complete reply to whoever waits for it. */
 static void take_replies(redis_conn_t *r) {
   unsigned gen = r->generation;
@@ -356,7 +417,8 @@ static void take_replies(redis_conn_t *r) {
     if (!reply) return;
     redisReply *rep = reply;
     if (r->push && r->state == READY) {
-      if (r->ev.on_push) r->ev.on_push(r, rep, r->ev.ud);
+      if (is_pong(rep)) r->ping_waiting = 0; /* ours (check_alive) */
+      else if (r->ev.on_push) r->ev.on_push(r, rep, r->ev.ud);
     } else if (r->nwaiting) {
       waiter_t w = pop_waiter(r);
       if (w.fn) w.fn(w.ud, rep, rep->type == REDIS_REPLY_ERROR ? rep->str : NULL);
@@ -384,6 +446,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   redis_conn_t *r = s->data;
   if (n == 0) return;
   if (n < 0) return lose(r, n == UV_EOF ? "Redis closed the connection" : uv_strerror((int)n));
+  r->last_read_ms = uv_now(r->loop);
   if (!r->ssl) {
     if (feed(r, buf->base, (size_t)n) != 0) return lose(r, "reply too large");
     return take_replies(r);
@@ -420,7 +483,10 @@ static int start_tls(redis_conn_t *r) {
   }
   SSL_set_bio(r->ssl, r->rbio, r->wbio);
   SSL_set_connect_state(r->ssl);
-  SSL_set_tlsext_host_name(r->ssl, r->url.host);
+  /* no SNI for an address (RFC 6066, 3); SSL_set1_host checks either */
+  struct in6_addr ip;
+  if (inet_pton(AF_INET, r->url.host, &ip) != 1 && inet_pton(AF_INET6, r->url.host, &ip) != 1)
+    SSL_set_tlsext_host_name(r->ssl, r->url.host);
   if (SSL_CTX_get_verify_mode(r->ssl_ctx) & SSL_VERIFY_PEER) SSL_set1_host(r->ssl, r->url.host);
   return 0;
 }
@@ -506,33 +572,59 @@ static void connect_now(redis_conn_t *r) {
   }
 }
 
-static SSL_CTX *client_tls(const redis_tls_options_t *o, char *err, size_t errlen) {
-  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
-  if (!ctx) goto fail;
-  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-  if (o && o->verify) {
-    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
-    int ok = o->ca_file ? SSL_CTX_load_verify_locations(ctx, o->ca_file, NULL)
-                        : SSL_CTX_set_default_verify_paths(ctx);
-    if (!ok) goto fail;
-  }
-  if (o && o->cert_file && (SSL_CTX_use_certificate_chain_file(ctx, o->cert_file) != 1 ||
-                            SSL_CTX_use_PrivateKey_file(ctx, o->key_file ? o->key_file : o->cert_file,
-                                                        SSL_FILETYPE_PEM) != 1))
-    goto fail;
-  return ctx;
-fail:;
+/* "broker: tls.<what> FILE: OpenSSL's reason" in err ("broker: TLS: ..."
+ * without what). */
+static void tls_file_failed(char *err, size_t errlen, const char *what, const char *file) {
   char reason[256] = "unknown error";
   unsigned long e = ERR_get_error();
   if (e) ERR_error_string_n(e, reason, sizeof reason);
   ERR_clear_error();
-  snprintf(err, errlen, "broker TLS setup: %s", reason);
-  if (ctx) SSL_CTX_free(ctx);
+  if (what) snprintf(err, errlen, "broker: tls.%s %s: %s", what, file, reason);
+  else snprintf(err, errlen, "broker: TLS: %s", reason);
+}
+
+static SSL_CTX *client_tls(const redis_tls_options_t *o, char *err, size_t errlen) {
+  if (o && o->key_file && !o->cert_file) {
+    snprintf(err, errlen, "broker: tls.key %s without tls.cert", o->key_file);
+    return NULL;
+  }
+  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+  if (!ctx) {
+    tls_file_failed(err, errlen, NULL, NULL);
+    return NULL;
+  }
+  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+  if (o && o->verify) {
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    if (o->ca_file ? !SSL_CTX_load_verify_locations(ctx, o->ca_file, NULL)
+                   : !SSL_CTX_set_default_verify_paths(ctx)) {
+      tls_file_failed(err, errlen, "ca", o->ca_file ? o->ca_file : "(the system's trust store)");
+      goto fail;
+    }
+  }
+  if (o && o->cert_file) {
+    /* the key may be in the certificate's file */
+    const char *key = o->key_file ? o->key_file : o->cert_file;
+    if (SSL_CTX_use_certificate_chain_file(ctx, o->cert_file) != 1) {
+      tls_file_failed(err, errlen, "cert", o->cert_file);
+      goto fail;
+    }
+    if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
+      tls_file_failed(err, errlen, "key", key);
+      goto fail;
+    }
+  }
+  return ctx;
+fail:
+  SSL_CTX_free(ctx);
   return NULL;
 }
 
 redis_conn_t *redis_open(uv_loop_t *loop, const redis_url_t *url, const redis_tls_options_t *tls,
                          const redis_events_t *ev, char *err, size_t errlen) {
+  /* Our writes too meet peers that reset (Redis killed, CLIENT KILL), and an
+   * app with a broker writes before it listens, or never does. */
+  server_ignore_sigpipe();
   redis_conn_t *r = calloc(1, sizeof *r);
   if (!r) return snprintf(err, errlen, "out of memory"), NULL;
   r->loop = loop;

@@ -4,8 +4,9 @@
  * its libuv adapter would hide the socket from our fork and close paths.
  *
  * Commands are answered in order; in push mode (after SUBSCRIBE) every reply
- * goes to on_push instead. When the connection is lost every waiting
- * command is answered with an error, and it reconnects with backoff. */
+ * goes to on_push instead (but the answers to our own PINGs). When the
+ * connection is lost (closed, or no answer in REDIS_REPLY_TIMEOUT_MS) every
+ * waiting command is answered with an error, and it reconnects with backoff. */
 #ifndef HERALD_REDIS_H
 #define HERALD_REDIS_H
 
@@ -72,6 +73,12 @@ size_t redis_waiting(const redis_conn_t *r);
 #define REDIS_BACKOFF_MIN_MS 100
 #define REDIS_BACKOFF_MAX_MS 5000
 #define REDIS_CONNECT_TIMEOUT_MS 5000
+/* Once ready: a command (or our PING) unanswered this long loses the
+ * connection; a connection quiet for REDIS_PING_IDLE_MS is sent a PING; both
+ * checked every REDIS_CHECK_MS. */
+#define REDIS_REPLY_TIMEOUT_MS 5000
+#define REDIS_PING_IDLE_MS 5000
+#define REDIS_CHECK_MS 1000
 /* A reply bigger than this closes the connection (a history fetch is bounded
  * by count; this bounds it by bytes). */
 #define REDIS_MAX_PENDING_INPUT (512u << 20)

@@ -64,19 +64,28 @@ local broker_tls_schema = {
   verify = { type = "boolean", default = true },
 }
 
-local function open_broker(hub, given)
-  local o = options.check(broker_schema, given, "herald.new: broker", 4)
-  if not o.redis then error("herald.new: broker needs redis = \"redis://host:port/db\"", 4) end
-  local tls = options.check(broker_tls_schema, o.tls, "herald.new: broker.tls", 4)
-  local broker = core.redis_broker(hub, { url = o.redis, prefix = o.prefix, ca = tls.ca, cert = tls.cert,
-    key = tls.key, verify = tls.verify, topic_ttl_ms = math.floor(o.topic_ttl * 1000),
-    max_pending = o.max_pending })
-  return broker, o
+-- The URL without its user and password (up to the last @ before the
+-- path, as the parser reads it), for messages.
+local function redacted(url)
+  local scheme, rest = url:match("^(%a[%w+.-]*://)(.*)$")
+  if not scheme then scheme, rest = "", url end
+  return scheme .. rest:gsub("^[^/?#]*@", "***@", 1)
 end
 
--- The URL without its password, for messages.
-local function redacted(url)
-  return (url:gsub("^(rediss?://)[^@/]*@", "%1***@"))
+-- Called by herald.new: its errors are raised at herald.new's caller (level 3).
+local function open_broker(hub, given)
+  local o = options.check(broker_schema, given, "herald.new: broker", 3)
+  if not o.redis then error("herald.new: broker needs redis = \"redis://host:port/db\"", 3) end
+  local tls = options.check(broker_tls_schema, o.tls, "herald.new: broker.tls", 3)
+  local broker, err, bad_url = core.redis_broker(hub, { url = o.redis, prefix = o.prefix, ca = tls.ca,
+    cert = tls.cert, key = tls.key, verify = tls.verify, topic_ttl_ms = math.floor(o.topic_ttl * 1000),
+    max_pending = o.max_pending })
+  if bad_url then
+    error(("herald.new: broker: option 'redis': %s, got %q"):format(err, redacted(o.redis)), 3)
+  elseif not broker then
+    error("herald.new: " .. err, 3)
+  end
+  return broker, o
 end
 
 local listen_schema = {

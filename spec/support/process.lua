@@ -116,6 +116,16 @@ function process_methods:running()
   return not self.ended and proc.group_running(self.pid)
 end
 
+--- Whether the program itself (the group's leader) still runs: the
+-- watchdog aside, which keeps the group running.
+function process_methods:alive()
+  local f = not self.ended and io.open("/proc/" .. self.pid .. "/stat")
+  if not f then return false end
+  local state = (f:read("l") or ""):match("^.*%) (%S)")
+  f:close()
+  return state ~= nil and state ~= "Z"
+end
+
 function process_methods:signal(sig)
   os.execute(("kill -%s -%d 2>/dev/null"):format(sig, self.pid))
 end
