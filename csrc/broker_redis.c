@@ -157,6 +157,7 @@ static void setup_failed(redis_broker_t *rb, const char *what, const char *err) 
 }
 
 static void on_sha(redis_broker_t *rb, char *sha, redisReply *reply, const char *err) {
+  if (!reply) return; /* the connection went: said by on_lost */
   if (err || reply->type != REDIS_REPLY_STRING || reply->len != 40)
     return setup_failed(rb, "SCRIPT LOAD", err);
   memcpy(sha, reply->str, 41);
@@ -174,6 +175,7 @@ static void on_fetch_sha(void *ud, redisReply *reply, const char *err) {
 
 static void on_epoch(void *ud, redisReply *reply, const char *err) {
   redis_broker_t *rb = ud;
+  if (!reply) return;
   if (err || reply->type != REDIS_REPLY_STRING || parse_hex32(reply->str, reply->len, &rb->epoch) != 0)
     return setup_failed(rb, "reading the epoch", err);
   if (!rb->publish_sha[0] || !rb->fetch_sha[0]) return; /* a script failed to load: said already */

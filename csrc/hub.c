@@ -26,6 +26,10 @@ struct hub_topic {
   uint64_t evicted_seq; /* newest message of this topic no longer in its history */
   /* With a broker: */
   uint64_t last_seq;    /* the newest message delivered here */
+  /* The topic's newest message when this node first watched it: where a
+   * catch-up starts if none came since. Not a bound on live delivery: a
+   * message published after the SUBSCRIBE may be read after this answer. */
+  uint64_t sync_seq;
   unsigned watching : 1;    /* the engine delivers this topic's messages to us */
   unsigned catching_up : 1; /* reading what was missed while it did not */
   unsigned fetching : 1;
@@ -748,8 +752,7 @@ static void topic_synced(broker_fetch_t *f) {
   hub_topic_t *t = hub ? hub_find(hub, f->topics[0].name, f->topics[0].len) : NULL;
   if (t && t->fetching) {
     t->fetching = 0;
-    if (!f->error && f->epoch == hub->epoch && f->topics[0].last > t->last_seq)
-      t->last_seq = f->topics[0].last;
+    if (!f->error && f->epoch == hub->epoch) t->sync_seq = f->topics[0].last;
     else if (f->error && hub->broker_up) t->synced = 0; /* tried again at the next watch */
   }
   broker_fetch_free(f);
@@ -768,7 +771,7 @@ static void topic_fetch(hub_t *hub, hub_topic_t *t) {
   if (sync) f->topics[0].cfg.history = 0;
   f->since = FETCH_AFTER;
   f->since_epoch = hub->epoch;
-  f->since_seq = t->last_seq;
+  f->since_seq = t->last_seq > t->sync_seq ? t->last_seq : t->sync_seq;
   f->done = sync ? topic_synced : topic_fetched;
   f->ud = hub;
   t->fetching = 1;
@@ -789,7 +792,7 @@ static void adopt_epoch(hub_t *hub, uint32_t epoch) {
     for (hub_topic_t *t = hub->buckets[i]; t; t = t->next_in_bucket) {
       /* what the new epoch has had so far was missed: read it all */
       if (t->last_seq || t->synced) gap_all(t);
-      t->last_seq = 0;
+      t->last_seq = t->sync_seq = 0;
       t->synced = 1;
       t->catching_up = 1;
       drop_pending(t);
@@ -804,7 +807,7 @@ void hub_broker_connected(hub_t *hub, uint32_t epoch) {
   for (unsigned i = 0; i < hub->nbuckets; i++)
     for (hub_topic_t *t = hub->buckets[i]; t; t = t->next_in_bucket) {
       t->watching = 0;
-      if (t->synced) t->catching_up = 1; /* from last_seq: what came while it was not watched */
+      if (t->synced) t->catching_up = 1; /* what came while it was not watched */
       hub->broker->ops->watch(hub->broker, t->name, t->name_len);
     }
 }

@@ -94,6 +94,21 @@ describe("broker (Redis)", function()
     assert.is_nil(sse:next(0.2)) -- nothing twice
   end)
 
+  it("a message published as soon as Redis has a node's subscription reaches its subscriber", function()
+    local a, b = new_node(), new_node()
+    for i = 1, 10 do
+      local topic = "fresh/" .. i
+      local sse = t.sse(a, "/events?topic=" .. topic)
+      -- Redis has the SUBSCRIBE; node a may not have read its answer yet
+      t.wait(function() return server:cli("PUBSUB", "NUMSUB", "herald:ch:" .. topic):match("(%d+)$") == "1" end,
+        3, "the subscription in Redis")
+      publish(b, topic, "first")
+      local ev = sse:next(3)
+      assert.equal("first", ev and ev.data, "message " .. i)
+      sse:close()
+    end
+  end)
+
   it("ids are shared: messages published on both nodes come to a subscriber in one order", function()
     local a, b = new_node(), new_node()
     local sse = t.sse(a, "/events?topic=mixed")
