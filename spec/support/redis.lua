@@ -27,8 +27,11 @@ end
 
 --- The redis-server command line.
 function server_methods:command()
-  local args = { "redis-server", "--bind", "127.0.0.1", "--save", "''", "--daemonize", "no",
-    "--loglevel", "warning", "--logfile", "/dev/stderr" }
+  -- a TLS server is reached as localhost (its certificate's name), which may
+  -- resolve to ::1 first: it listens there too when the host has IPv6 (the
+  -- broker tries the first address only)
+  local args = { "redis-server", "--bind", self.tls and "'127.0.0.1 -::1'" or "127.0.0.1", "--save", "''",
+    "--daemonize", "no", "--loglevel", "warning", "--logfile", "/dev/stderr" }
   local tls = self.tls
   if tls then -- TLS only: the plain port is off
     args[#args + 1] = ("--port 0 --tls-port %d --tls-cert-file %s --tls-key-file %s --tls-ca-cert-file %s " ..
