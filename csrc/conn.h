@@ -1,4 +1,4 @@
-/* conn: one TCP connection. It owns the socket, the timer, the out queue of
+/* conn: one TCP connection. It owns the socket, its timeout, the out queue of
  * shared chunks and its own lifetime; the protocol spoken on it (HTTP now,
  * SSE and WebSocket after an upgrade) is a table of functions it calls. */
 #ifndef HERALD_CONN_H
@@ -20,7 +20,7 @@ typedef struct conn_proto {
   void (*on_data)(conn_t *c, const char *data, size_t len);
   /* The peer closed its side, or the socket failed. */
   void (*on_eof)(conn_t *c);
-  /* The conn's timer fired (the protocol set it). */
+  /* The conn's timeout came (the protocol set it with conn_set_timer). */
   void (*on_timeout)(conn_t *c);
   /* The out queue fell below the resume mark after the protocol paused input. */
   void (*on_writable)(conn_t *c);
@@ -43,7 +43,6 @@ typedef struct tls_conn tls_conn_t;
 
 struct conn {
   uv_tcp_t tcp;
-  uv_timer_t timer;
   runtime_t *rt;
   server_t *server;
   const conn_proto_t *proto;
@@ -54,7 +53,9 @@ struct conn {
   size_t out_off;          /* bytes of the head chunk already written */
   unsigned out_cipher;     /* TLS: the first out_cipher queued chunks are ciphertext, the rest plaintext */
   size_t queued_bytes;     /* bytes queued and not yet written */
-  unsigned handles_open;   /* tcp and timer: freed when both are closed */
+  conn_t *tq_prev, *tq_next; /* its place in the runtime's timeout list (runtime.h) */
+  uint32_t tq_due;         /* loop time (ms, wrapping) of its timeout */
+  unsigned tq;             /* that list's index + 1; 0: no timeout set */
   unsigned dirty : 1, writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1,
       notify_close : 1,    /* tell Lua when it goes: it held a stream */
       backed_up : 1,       /* the kernel refused part of the last write: the peer reads slowly */
@@ -84,8 +85,14 @@ void conn_end(conn_t *c);
 /* Closes now; queued output is dropped. */
 void conn_close(conn_t *c);
 
+/* The conn's one timeout: on_timeout (or the linger's or TLS handshake's
+ * end) after ms; setting it again replaces it. The conn is closed if the
+ * timeout cannot be kept (no memory for a new duration's list). */
 void conn_set_timer(conn_t *c, uint64_t ms);
 void conn_stop_timer(conn_t *c);
+/* The runtime's timeout lists: with the loop, and once its handles are closed. */
+void conn_timeouts_init(runtime_t *rt);
+void conn_timeouts_free(runtime_t *rt);
 void conn_pause_reading(conn_t *c);
 void conn_resume_reading(conn_t *c);
 

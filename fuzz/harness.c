@@ -376,11 +376,12 @@ void fz_setup(tls_config_t *tls) {
   FZ_CHECK(fz.rt, "oom");
   FZ_CHECK(uv_loop_init(&fz.rt->loop) == 0, "uv_loop_init");
   fz.rt->on_error_ref = -2;
-  /* as lua_core.c's runtime_new: the flush runs once per loop turn */
+  /* as lua_core.c's runtime_new: the flush runs once per loop turn; the conns' timeouts */
   uv_prepare_init(&fz.rt->loop, &fz.rt->flusher);
   fz.rt->flusher.data = fz.rt;
   uv_prepare_start(&fz.rt->flusher, on_flush);
   uv_unref((uv_handle_t *)&fz.rt->flusher);
+  conn_timeouts_init(fz.rt);
   server_limits_t limits = {
       .max_header_size = 16384,
       .max_body_size = 1048576,
@@ -542,9 +543,11 @@ int fz_feed_chunked(const void *data, size_t n, fz_chunker_t *ch) {
 
 void fz_fire_timer(void) {
   conn_t *c = fz_conn();
-  if (!c || c->closing || !uv_is_active((uv_handle_t *)&c->timer)) return;
-  /* conn.c's on_timer, due now: it runs in the next turn like any timer */
-  uv_timer_start(&c->timer, c->timer.timer_cb, 0, 0);
+  if (!c || c->closing || !c->tq) return;
+  /* conn.c's timeout, due now (the conn is alone in its list: one conn at a
+   * time): it runs in the next turn like any timer */
+  c->tq_due = (uint32_t)uv_now(&fz.rt->loop);
+  uv_timer_start(&fz.rt->timeouts.timer, fz.rt->timeouts.timer.timer_cb, 0, 0);
   fz_turn();
 }
 
