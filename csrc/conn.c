@@ -11,7 +11,7 @@
 /* After FIN, how long a closing conn keeps reading so that the peer's last
  * bytes in flight do not turn our close into a reset that loses the answer. */
 #define LINGER_MS 2000
-#define MAX_WRITE_BATCH 128
+#define MAX_WRITE_BATCH 128 /* below 256: conn_t.out_inflight has 8 bits */
 
 static void unlink_dirty(conn_t *c) {
   if (!c->dirty) return;
@@ -25,7 +25,7 @@ static void unlink_dirty(conn_t *c) {
 static void free_conn(conn_t *c) {
   unlink_dirty(c);
   for (unsigned i = c->out_head; i < c->out_len; i++) hbuf_unref(c->outq[i].buf);
-  free(c->outq);
+  if (c->outq != &c->out1) free(c->outq);
   server_remove_conn(c->server, c);
   ws_conn_free(c);
   tls_conn_free(c);
@@ -90,6 +90,8 @@ conn_t *conn_accept(server_t *server, uv_stream_t *listener) {
   c->lua_ref = -2; /* LUA_NOREF */
   uv_tcp_init(&c->rt->loop, &c->tcp);
   c->tcp.data = c;
+  c->outq = &c->out1;
+  c->out_cap = 1;
   server_add_conn(server, c);
   if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0) {
     c->closing = 1;
@@ -140,6 +142,7 @@ static void tq_unlink(conn_t *c) {
 static int tq_find(conn_timeouts_t *to, uint32_t ms) {
   for (unsigned i = 0; i < to->nqueues; i++)
     if (to->queues[i].ms == ms) return (int)i;
+  if (to->nqueues == (1u << 13) - 1) return -1; /* conn_t.tq's 13 bits */
   if (to->nqueues == to->cap) {
     unsigned cap = to->cap ? to->cap * 2 : 8;
     conn_tq_t *q = realloc(to->queues, cap * sizeof *q);
@@ -236,9 +239,11 @@ int conn_send(conn_t *c, hbuf_t *b) {
       c->out_len -= c->out_head;
       c->out_head = 0;
     } else {
-      unsigned cap = c->out_cap ? c->out_cap * 2 : 4;
-      out_item_t *q = realloc(c->outq, cap * sizeof *q);
+      unsigned cap = c->out_cap >= 4 ? c->out_cap * 2 : 4;
+      int inline_q = c->outq == &c->out1;
+      out_item_t *q = realloc(inline_q ? NULL : c->outq, cap * sizeof *q);
       if (!q) return -1;
+      if (inline_q) q[0] = c->out1; /* out_len is 1 */
       c->outq = q;
       c->out_cap = cap;
     }

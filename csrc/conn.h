@@ -41,6 +41,8 @@ typedef struct out_item {
 
 typedef struct tls_conn tls_conn_t;
 
+/* Every connection has one, idle ones too: 488 bytes on x86-64 (496 with
+ * malloc's header), of which libuv's uv_tcp_t is 248; mind the padding. */
 struct conn {
   uv_tcp_t tcp;
   runtime_t *rt;
@@ -48,21 +50,25 @@ struct conn {
   const conn_proto_t *proto;
   conn_t *prev, *next;     /* the server's list */
   conn_t *prev_dirty, *next_dirty; /* the runtime's list of conns to flush */
+  /* The out queue: out1 until a second chunk waits (an idle conn has
+   * had one, its 101 or its SSE head), then an array that it keeps. */
   out_item_t *outq;
-  unsigned out_head, out_len, out_cap, out_inflight;
+  out_item_t out1;
   size_t out_off;          /* bytes of the head chunk already written */
-  unsigned out_cipher;     /* TLS: the first out_cipher queued chunks are ciphertext, the rest plaintext */
   size_t queued_bytes;     /* bytes queued and not yet written */
+  unsigned out_head, out_len, out_cap;
+  unsigned out_cipher;     /* TLS: the first out_cipher queued chunks are ciphertext, the rest plaintext */
   conn_t *tq_prev, *tq_next; /* its place in the runtime's timeout list (runtime.h) */
   uint32_t tq_due;         /* loop time (ms, wrapping) of its timeout */
-  unsigned tq;             /* that list's index + 1; 0: no timeout set */
+  uint32_t heartbeat_ms;   /* SSE: comment interval */
+  int lua_ref;             /* registry ref of the Lua handle, if one was made */
   unsigned dirty : 1, writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1,
       notify_close : 1,    /* tell Lua when it goes: it held a stream */
       backed_up : 1,       /* the kernel refused part of the last write: the peer reads slowly */
       http_done : 1,       /* another protocol took over from HTTP */
-      input_held : 1;      /* the protocol holds input back until the peer reads */
-  uint32_t heartbeat_ms;   /* SSE: comment interval */
-  int lua_ref;             /* registry ref of the Lua handle, if one was made */
+      input_held : 1,      /* the protocol holds input back until the peer reads */
+      out_inflight : 8,    /* chunks in the uv_write under way (at most MAX_WRITE_BATCH) */
+      tq : 13;             /* its timeout list's index + 1; 0: no timeout set */
   void *lua_handle;        /* that handle's userdata, cleared on close */
   http_conn_t *http;       /* the HTTP parser's state; freed once another protocol took over */
   hub_member_t member;
@@ -87,7 +93,8 @@ void conn_close(conn_t *c);
 
 /* The conn's one timeout: on_timeout (or the linger's or TLS handshake's
  * end) after ms; setting it again replaces it. The conn is closed if the
- * timeout cannot be kept (no memory for a new duration's list). */
+ * timeout cannot be kept (no memory for a new duration's list, or 8,191
+ * distinct durations already). */
 void conn_set_timer(conn_t *c, uint64_t ms);
 void conn_stop_timer(conn_t *c);
 /* The runtime's timeout lists: with the loop, and once its handles are closed. */
