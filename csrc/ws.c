@@ -38,19 +38,21 @@ typedef struct ws_read {
   uint8_t *control; /* a control frame's payload while it is read */
 } ws_read_t;
 
-/* A WebSocket conn's state for as long as it lives: 56 bytes (64 with
- * malloc's header), as most conns are idle most of the time. */
+/* A WebSocket conn's state for as long as it lives: 40 bytes (48 with
+ * malloc's header), as most conns are idle most of the time; ws_options_t
+ * packed in. */
 struct ws_conn {
   ws_read_t *rd;   /* NULL between messages */
   char *reason;    /* the close reason, once there is one */
-  ws_options_t opt;
+  uint32_t max_message; /* options: at most 1 GiB */
+  uint32_t ping_ms, max_rate;
   /* the rate limit: a bucket of max_rate tokens, refilled each second */
   uint32_t tokens;
   uint32_t refilled_ms; /* loop time (wrapping at 49 days) of the last refill */
   uint16_t close_code;  /* the peer's, or ours if it sent none */
   uint8_t reason_len;
-  /* keepalive and close */
-  unsigned heard : 1, ping_due : 1, close_sent : 1, close_received : 1;
+  uint8_t envelope : 1, rate_drop : 1, /* options */
+      heard : 1, ping_due : 1, close_sent : 1, close_received : 1; /* keepalive and close */
 };
 
 /* SHA-1, fetched once for the process: EVP_sha1() makes OpenSSL 3 look it up
@@ -196,17 +198,17 @@ static void on_close_frame(conn_t *c, const uint8_t *p, size_t len) {
  * it or closes with 1008 (policy violation). */
 static int within_rate(conn_t *c) {
   ws_conn_t *ws = c->ws;
-  if (!ws->opt.max_rate) return 1;
+  if (!ws->max_rate) return 1;
   uint32_t now = (uint32_t)uv_now(&c->rt->loop);
   if ((uint32_t)(now - ws->refilled_ms) >= 1000) {
-    ws->tokens = ws->opt.max_rate;
+    ws->tokens = ws->max_rate;
     ws->refilled_ms = now;
   }
   if (ws->tokens > 0) {
     ws->tokens--;
     return 1;
   }
-  if (!ws->opt.rate_drop) fail(c, WS_POLICY, "message rate exceeded");
+  if (!ws->rate_drop) fail(c, WS_POLICY, "message rate exceeded");
   return 0;
 }
 
@@ -254,7 +256,7 @@ static const char *frame_problem(const ws_conn_t *ws, int masked, int rsv, int o
   if ((op == WS_TEXT || op == WS_BINARY) && r->msg_opcode)
     return "new message inside a fragmented one";
   size_t so_far = op == 0 ? r->msg.len : 0;
-  if (op < 8 && len != UINT64_MAX && len > ws->opt.max_message - so_far) {
+  if (op < 8 && len != UINT64_MAX && len > ws->max_message - so_far) {
     *code = WS_TOO_BIG;
     return "message too big";
   }
@@ -454,7 +456,7 @@ static void on_timeout(conn_t *c) {
       return;
     }
   }
-  conn_set_timer(c, ws->opt.ping_ms);
+  conn_set_timer(c, ws->ping_ms);
 }
 
 static void on_writable(conn_t *c) {
@@ -496,8 +498,8 @@ void ws_conn_free(conn_t *c) {
  * envelope. Either is built at its first use and shared from then on. */
 static void deliver(conn_t *c, hub_msg_t *m) {
   if (c->ws->close_sent) return;
-  hbuf_t **slot = c->ws->opt.envelope ? &m->ws_envelope : &m->ws_raw;
-  if (!*slot && !c->ws->opt.envelope) {
+  hbuf_t **slot = c->ws->envelope ? &m->ws_envelope : &m->ws_raw;
+  if (!*slot && !c->ws->envelope) {
     int op = utf8_valid(m->data, m->data_len) ? WS_TEXT : WS_BINARY;
     *slot = frame(op, m->data, m->data_len, NULL, 0);
   } else if (!*slot) {
@@ -520,7 +522,7 @@ static void deliver(conn_t *c, hub_msg_t *m) {
 
 static void gap(conn_t *c, const char *name, size_t len) {
   /* Only the envelope can say it: raw payloads have no room for it. */
-  if (!c->ws->opt.envelope) return;
+  if (!c->ws->envelope) return;
   hstr_t json = {0};
   int rc = hstr_append(&json, "{\"topic\":", 9) | json_append_string(&json, name, len) |
            hstr_append(&json, ",\"event\":\"herald-gap\"}", 22);
@@ -547,7 +549,11 @@ int ws_start(conn_t *c, const http_header_t *headers, size_t nheaders, const ws_
     *err = "out of memory";
     return -1;
   }
-  ws->opt = *o;
+  ws->max_message = o->max_message < UINT32_MAX ? (uint32_t)o->max_message : UINT32_MAX;
+  ws->ping_ms = o->ping_ms;
+  ws->max_rate = o->max_rate;
+  ws->envelope = o->envelope != 0;
+  ws->rate_drop = o->rate_drop != 0;
   ws->tokens = o->max_rate;
   ws->refilled_ms = (uint32_t)uv_now(&c->rt->loop);
   if (http_takeover(c, 101, headers, nheaders, &ws_proto, err) != 0) {
