@@ -36,6 +36,11 @@ conn_t *bind_check_conn(lua_State *L, int idx) {
 }
 #define check_conn(L) bind_check_conn(L, 1)
 
+conn_t *bind_check_conn_ending(lua_State *L, int idx) {
+  conn_handle_t *h = luaL_checkudata(L, idx, CONN_MT);
+  return h->c && !h->c->closing ? h->c : NULL;
+}
+
 void bind_push_conn(lua_State *L, conn_t *c) {
   if (c->lua_handle) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, c->lua_ref);

@@ -9,7 +9,8 @@ local ws_methods = setmetatable({}, { __index = stream_methods })
 
 -- A stream lives as long as its connection, and an idle server holds many,
 -- so each holds only what is its own: conn, params, user and its topics, at
--- most 4 fields (a table of 4 slots). What the streams of one route share
+-- most 4 fields (a table of 4 slots; 2 for a stream without user or
+-- recorded topics). What the streams of one route share
 -- is in its class (app, message and close callbacks, methods); what only
 -- opening needs (the request, the opening flag, ws:close's refusal,
 -- stream:replay's id) is in `pending` until the stream has started.
@@ -34,7 +35,8 @@ end
 
 --- A stream of class for req's connection; open runs until stream.opened.
 function stream.new(class, conn, req, user)
-  local self = setmetatable({ conn = conn, params = req.params, user = user }, class)
+  local self = setmetatable(user == nil and { conn = conn, params = req.params }
+    or { conn = conn, params = req.params, user = user }, class)
   pending[self] = { req = req, opening = true }
   return self
 end
@@ -58,13 +60,19 @@ local no_topics = setmetatable({}, { __newindex = function() error("no_topics is
 -- The rule kept for a topic joined under a rule without a leave callback.
 local no_leave = setmetatable({}, { __newindex = function() error("no_leave is read-only") end })
 
--- self.topics: nil; the name of the stream's one topic when its rule has no
--- leave callback (then the rule is not needed again; most streams); or a
--- table topic -> rule. The rule a topic was joined with, or nil.
+-- The hub (C) knows the topics a stream joined; the stream keeps them too
+-- only when it needs them at its end: for a rule with a leave callback, or
+-- for presence shared through a broker (app.presence_board). self.topics:
+-- nil; the name of its one such topic when the rule has no leave callback;
+-- or a table topic -> rule. The rule a topic was joined with, or nil.
 local function joined(self, topic)
   local t = self.topics
-  if type(t) == "table" then return t[topic] end
-  return t ~= nil and t == topic and no_leave or nil
+  if type(t) == "table" then
+    if t[topic] then return t[topic] end
+  elseif t ~= nil and t == topic then
+    return no_leave
+  end
+  return self.app.hub:joined(self.conn, topic) and no_leave or nil
 end
 
 local function check_topic(topic, what)
@@ -81,15 +89,17 @@ function stream_methods:subscribe(topic)
   end
   local ok, err = self.app.hub:subscribe(self.conn, topic, rule.history, rule.max_age_ms, rule.conflate)
   if not ok then return nil, err end
-  local t = self.topics
-  if t == nil and not rule.leave then
-    self.topics = topic
-  else
-    if type(t) ~= "table" then
-      t = t and { [t] = no_leave } or {}
-      self.topics = t
+  if rule.leave or self.app.presence_board then
+    local t = self.topics
+    if t == nil and not rule.leave then
+      self.topics = topic
+    else
+      if type(t) ~= "table" then
+        t = t and { [t] = no_leave } or {}
+        self.topics = t
+      end
+      t[topic] = rule
     end
-    t[topic] = rule
   end
   self.app:_joined(topic, self.user)
   if rule.join then self.app:_callback(rule.join, topic, self.user, self) end
@@ -110,7 +120,12 @@ function stream_methods:unsubscribe(topic)
   check_topic(topic, "unsubscribe")
   local rule = joined(self, topic)
   if not rule then return false end
-  if type(self.topics) == "table" then self.topics[topic] = nil else self.topics = nil end
+  local t = self.topics
+  if type(t) == "table" then
+    t[topic] = nil
+  elseif t == topic then
+    self.topics = nil
+  end
   self.app.hub:unsubscribe(self.conn, topic)
   self.app:_left(topic, self.user)
   if rule.leave then self.app:_callback(rule.leave, topic, self.user, self) end
