@@ -26,6 +26,7 @@ static void free_conn(conn_t *c) {
   unlink_dirty(c);
   for (unsigned i = c->out_head; i < c->out_len; i++) hbuf_unref(c->outq[i].buf);
   if (c->outq != &c->out1) free(c->outq);
+  c->server->queued_bytes -= c->queued_bytes;
   server_remove_conn(c->server, c);
   ws_conn_free(c);
   tls_conn_free(c);
@@ -250,6 +251,7 @@ int conn_send(conn_t *c, hbuf_t *b) {
   }
   c->outq[c->out_len++].buf = hbuf_ref(b);
   c->queued_bytes += b->len;
+  c->server->queued_bytes += b->len;
   conn_mark_dirty(c);
   return 0;
 }
@@ -310,10 +312,12 @@ static void consume(conn_t *c, size_t bytes, unsigned limit) {
     if (bytes < left) {
       c->out_off += bytes;
       c->queued_bytes -= bytes;
+      c->server->queued_bytes -= bytes;
       return;
     }
     bytes -= left;
     c->queued_bytes -= left;
+    c->server->queued_bytes -= left;
     hbuf_unref(b);
     c->out_head++;
     c->out_off = 0;

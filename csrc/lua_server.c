@@ -258,10 +258,8 @@ static int server_close_l(lua_State *L) {
 static int server_stats_l(lua_State *L) {
   lua_server_t *ls = check_server(L);
   server_t *s = ls->srv;
-  size_t queued = 0;
   lua_Integer http = 0, sse = 0, ws = 0;
   for (conn_t *c = s->conns; c; c = c->next) {
-    queued += c->queued_bytes;
     if (c->proto && c->proto->name[0] == 'w') ws++;
     else if (c->proto && c->proto->name[0] == 's') sse++;
     else http++;
@@ -281,7 +279,7 @@ static int server_stats_l(lua_State *L) {
   lua_setfield(L, -2, "bytes_in");
   lua_pushinteger(L, (lua_Integer)s->stats.bytes_out);
   lua_setfield(L, -2, "bytes_out");
-  lua_pushinteger(L, (lua_Integer)queued);
+  lua_pushinteger(L, (lua_Integer)s->queued_bytes);
   lua_setfield(L, -2, "queued_bytes");
   lua_pushinteger(L, (lua_Integer)s->stats.slow_closed);
   lua_setfield(L, -2, "slow_closed");
@@ -294,6 +292,12 @@ static int server_stats_l(lua_State *L) {
     lua_setfield(L, -2, kind);
   }
   lua_setfield(L, -2, "errors");
+  return 1;
+}
+
+/* srv:queued_bytes() -> bytes its conns have waiting to be written */
+static int server_queued_l(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)check_server(L)->srv->queued_bytes);
   return 1;
 }
 
@@ -415,7 +419,7 @@ static int conn_peer(lua_State *L) {
 void bind_server_open(lua_State *L, int runtime_idx) {
   static const luaL_Reg server_methods[] = {
       {"listen", server_listen_l}, {"close", server_close_l}, {"reload_tls", server_reload_tls_l},
-      {"stats", server_stats_l}, {"listeners", server_listeners},
+      {"stats", server_stats_l}, {"queued_bytes", server_queued_l}, {"listeners", server_listeners},
       {"connections", server_connections}, {"__gc", server_gc}, {NULL, NULL}};
   static const luaL_Reg conn_methods[] = {
       {"respond", conn_respond}, {"close", conn_close_l}, {"finish", conn_finish}, {"alive", conn_alive},

@@ -301,6 +301,7 @@ static int encrypt_queue(conn_t *c) {
       used += b->len;
     }
     c->queued_bytes -= b->len;
+    c->server->queued_bytes -= b->len;
     hbuf_unref(b);
   }
   c->out_len = first;

@@ -337,7 +337,7 @@ end
 -- open may refuse with false, status, body (or, for WebSocket, ws:close()).
 function app_methods:_open(class, req, res, open, start)
   local conn = res.conn
-  if self.server:stats().queued_bytes > self.config.max_total_queued then
+  if self.server:queued_bytes() > self.config.max_total_queued then
     return self:_fail(res, 503, "server busy: too much output waiting; try again soon\n")
   end
   local user = self:_authenticate(req, res, self.auth_fn)
