@@ -35,7 +35,7 @@ static void free_conn(conn_t *c) {
 }
 
 static void on_handle_closed(uv_handle_t *h) {
-  free_conn(h->data);
+  free_conn((conn_t *)h);
 }
 
 static void tq_unlink(conn_t *c);
@@ -51,13 +51,13 @@ void conn_close(conn_t *c) {
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   (void)suggested;
-  conn_t *c = h->data;
+  conn_t *c = (conn_t *)h;
   buf->base = c->rt->read_buf;
   buf->len = sizeof c->rt->read_buf;
 }
 
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
-  conn_t *c = s->data;
+  conn_t *c = (conn_t *)s;
   if (c->closing) return;
   if (n > 0) {
     if (c->shut) return; /* lingering: discard */
@@ -90,7 +90,6 @@ conn_t *conn_accept(server_t *server, uv_stream_t *listener) {
   c->server = server;
   c->lua_ref = -2; /* LUA_NOREF */
   uv_tcp_init(&c->rt->loop, &c->tcp);
-  c->tcp.data = c;
   c->outq = &c->out1;
   c->out_cap = 1;
   server_add_conn(server, c);
@@ -172,6 +171,7 @@ static void on_timeouts(uv_timer_t *t) {
   uint32_t now = (uint32_t)uv_now(&rt->loop);
   conn_t *c;
   while ((c = tq_first(to)) && !before(now, c->tq_due)) {
+    to->fired_ms = to->queues[c->tq - 1].ms;
     tq_unlink(c);
     on_timer(c);
   }
@@ -210,6 +210,10 @@ void conn_set_timer(conn_t *c, uint64_t ms) {
 
 void conn_stop_timer(conn_t *c) {
   tq_unlink(c);
+}
+
+void conn_repeat_timer(conn_t *c) {
+  conn_set_timer(c, c->rt->timeouts.fired_ms);
 }
 
 void conn_timeouts_init(runtime_t *rt) {
@@ -258,13 +262,14 @@ int conn_send(conn_t *c, hbuf_t *b) {
 
 int conn_queue_cipher(conn_t *c, hbuf_t *b) {
   if (conn_send(c, b) != 0) return -1; /* at the end, then moved before the plaintext */
-  unsigned at = c->out_head + c->out_cipher, last = c->out_len - 1;
+  unsigned *cipher = tls_out_cipher(c);
+  unsigned at = c->out_head + *cipher, last = c->out_len - 1;
   if (last > at) {
     out_item_t item = c->outq[last];
     memmove(c->outq + at + 1, c->outq + at, (last - at) * sizeof *c->outq);
     c->outq[at] = item;
   }
-  c->out_cipher++;
+  (*cipher)++;
   return 0;
 }
 
@@ -321,7 +326,7 @@ static void consume(conn_t *c, size_t bytes, unsigned limit) {
     hbuf_unref(b);
     c->out_head++;
     c->out_off = 0;
-    if (c->tls) c->out_cipher--;
+    if (c->tls) (*tls_out_cipher(c))--;
     limit--;
   }
 }
@@ -366,7 +371,7 @@ static void flush(conn_t *c) {
     return;
   }
   /* Over TLS only ciphertext is written; plaintext may wait for the handshake. */
-  unsigned n = c->tls ? c->out_cipher : c->out_len - c->out_head;
+  unsigned n = c->tls ? *tls_out_cipher(c) : c->out_len - c->out_head;
   if (n == 0) {
     if (c->out_len == c->out_head) on_queue_empty(c);
     return;

@@ -41,8 +41,10 @@ typedef struct out_item {
 
 typedef struct tls_conn tls_conn_t;
 
-/* Every connection has one, idle ones too: 488 bytes on x86-64 (496 with
- * malloc's header), of which libuv's uv_tcp_t is 248; mind the padding. */
+/* Every connection has one, idle ones too: 440 bytes on x86-64 (448 with
+ * malloc's header), of which libuv's uv_tcp_t is 248; mind the padding.
+ * tcp comes first: libuv's callbacks get the conn from the handle itself,
+ * and its data field holds the conn's Lua handle (conn_lua_handle). */
 struct conn {
   uv_tcp_t tcp;
   runtime_t *rt;
@@ -57,10 +59,8 @@ struct conn {
   size_t out_off;          /* bytes of the head chunk already written */
   size_t queued_bytes;     /* bytes queued and not yet written */
   unsigned out_head, out_len, out_cap;
-  unsigned out_cipher;     /* TLS: the first out_cipher queued chunks are ciphertext, the rest plaintext */
-  conn_t *tq_prev, *tq_next; /* its place in the runtime's timeout list (runtime.h) */
   uint32_t tq_due;         /* loop time (ms, wrapping) of its timeout */
-  uint32_t heartbeat_ms;   /* SSE: comment interval */
+  conn_t *tq_prev, *tq_next; /* its place in the runtime's timeout list (runtime.h) */
   int lua_ref;             /* registry ref of the Lua handle, if one was made */
   unsigned dirty : 1, writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1,
       notify_close : 1,    /* tell Lua when it goes: it held a stream */
@@ -69,13 +69,16 @@ struct conn {
       input_held : 1,      /* the protocol holds input back until the peer reads */
       out_inflight : 8,    /* chunks in the uv_write under way (at most MAX_WRITE_BATCH) */
       tq : 13;             /* its timeout list's index + 1; 0: no timeout set */
-  void *lua_handle;        /* that handle's userdata, cleared on close */
   http_conn_t *http;       /* the HTTP parser's state; freed once another protocol took over */
   hub_member_t member;
   ws_conn_t *ws;           /* WebSocket state after a 101; freed with the conn */
   tls_conn_t *tls;         /* NULL on a plain listener */
   struct ip_entry *ip;     /* its address's entry in the server's table, if counted */
 };
+
+/* The userdata of the conn's Lua handle (lua_server.c), NULL if none was
+ * made or once the conn is gone. */
+#define conn_lua_handle(c) ((c)->tcp.data)
 
 /* Accepts a pending connection on listener into a new conn of server. */
 conn_t *conn_accept(server_t *server, uv_stream_t *listener);
@@ -97,6 +100,8 @@ void conn_close(conn_t *c);
  * distinct durations already). */
 void conn_set_timer(conn_t *c, uint64_t ms);
 void conn_stop_timer(conn_t *c);
+/* In on_timeout: sets the timeout again, as long as the one that came. */
+void conn_repeat_timer(conn_t *c);
 /* The runtime's timeout lists: with the loop, and once its handles are closed. */
 void conn_timeouts_init(runtime_t *rt);
 void conn_timeouts_free(runtime_t *rt);

@@ -42,7 +42,7 @@ conn_t *bind_check_conn_ending(lua_State *L, int idx) {
 }
 
 void bind_push_conn(lua_State *L, conn_t *c) {
-  if (c->lua_handle) {
+  if (conn_lua_handle(c)) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, c->lua_ref);
     return;
   }
@@ -51,7 +51,7 @@ void bind_push_conn(lua_State *L, conn_t *c) {
   luaL_setmetatable(L, CONN_MT);
   lua_pushvalue(L, -1);
   c->lua_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  c->lua_handle = h;
+  conn_lua_handle(c) = h;
 }
 
 static void on_conn_closed(conn_t *c, void *ud) {
@@ -72,8 +72,8 @@ static void on_conn_closed(conn_t *c, void *ud) {
     }
     bind_call(ls->rt, nargs);
   }
-  ((conn_handle_t *)c->lua_handle)->c = NULL;
-  c->lua_handle = NULL;
+  ((conn_handle_t *)conn_lua_handle(c))->c = NULL;
+  conn_lua_handle(c) = NULL;
   if (live) luaL_unref(L, LUA_REGISTRYINDEX, c->lua_ref);
 }
 

@@ -38,6 +38,7 @@ typedef struct conn_timeouts {
   conn_tq_t *queues;
   unsigned nqueues, cap;
   unsigned count;         /* conns in all the lists */
+  uint32_t fired_ms;      /* the duration of the timeout being handled (conn_repeat_timer) */
 } conn_timeouts_t;
 
 typedef struct runtime {

@@ -349,7 +349,7 @@ static void on_conn_closed(conn_t *c, void *ud) {
              "close status %d", code);
     FZ_CHECK(len <= 123 && utf8_valid(reason, len), "close reason of %zu bytes or not UTF-8", len);
   }
-  c->lua_handle = NULL;
+  conn_lua_handle(c) = NULL;
 }
 
 /* ---- the loop, the server, the client ---- */
@@ -490,7 +490,7 @@ conn_t *fz_open(void) {
   conn_t *c = fz.srv->conns;
   FZ_CHECK(c, "the server did not accept");
   FZ_CHECK(!c->next, "more than one conn");
-  c->lua_handle = &fz; /* as if Lua held it: server.c calls on_conn_closed when it goes */
+  conn_lua_handle(c) = &fz; /* as if Lua held it: server.c calls on_conn_closed when it goes */
   if (fz.small_buffers) {
     uv_os_fd_t sfd;
     int small = 4096;
