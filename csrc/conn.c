@@ -1,5 +1,6 @@
 #include "conn.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -10,7 +11,7 @@
 /* After FIN, how long a closing conn keeps reading so that the peer's last
  * bytes in flight do not turn our close into a reset that loses the answer. */
 #define LINGER_MS 2000
-#define MAX_WRITE_BATCH 128
+#define MAX_WRITE_BATCH 128 /* below 256: conn_t.out_inflight has 8 bits */
 
 static void unlink_dirty(conn_t *c) {
   if (!c->dirty) return;
@@ -24,7 +25,8 @@ static void unlink_dirty(conn_t *c) {
 static void free_conn(conn_t *c) {
   unlink_dirty(c);
   for (unsigned i = c->out_head; i < c->out_len; i++) hbuf_unref(c->outq[i].buf);
-  free(c->outq);
+  if (c->outq != &c->out1) free(c->outq);
+  c->server->queued_bytes -= c->queued_bytes;
   server_remove_conn(c->server, c);
   ws_conn_free(c);
   tls_conn_free(c);
@@ -33,28 +35,29 @@ static void free_conn(conn_t *c) {
 }
 
 static void on_handle_closed(uv_handle_t *h) {
-  conn_t *c = h->data;
-  if (--c->handles_open == 0) free_conn(c);
+  free_conn((conn_t *)h);
 }
+
+static void tq_unlink(conn_t *c);
 
 void conn_close(conn_t *c) {
   if (c->closing) return;
   c->closing = 1;
   if (c->proto && c->proto->on_close) c->proto->on_close(c);
   hub_member_release(c);
-  uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+  tq_unlink(c);
   uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   (void)suggested;
-  conn_t *c = h->data;
+  conn_t *c = (conn_t *)h;
   buf->base = c->rt->read_buf;
   buf->len = sizeof c->rt->read_buf;
 }
 
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
-  conn_t *c = s->data;
+  conn_t *c = (conn_t *)s;
   if (c->closing) return;
   if (n > 0) {
     if (c->shut) return; /* lingering: discard */
@@ -71,8 +74,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   }
 }
 
-static void on_timer(uv_timer_t *t) {
-  conn_t *c = t->data;
+static void on_timer(conn_t *c) {
   if (c->closing) return;
   if (c->shut || (c->tls && !tls_handshake_done(c))) { /* lingered, or a handshake too slow */
     conn_close(c);
@@ -88,13 +90,11 @@ conn_t *conn_accept(server_t *server, uv_stream_t *listener) {
   c->server = server;
   c->lua_ref = -2; /* LUA_NOREF */
   uv_tcp_init(&c->rt->loop, &c->tcp);
-  uv_timer_init(&c->rt->loop, &c->timer);
-  c->tcp.data = c->timer.data = c;
-  c->handles_open = 2;
+  c->outq = &c->out1;
+  c->out_cap = 1;
   server_add_conn(server, c);
   if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0) {
     c->closing = 1;
-    uv_close((uv_handle_t *)&c->timer, on_handle_closed);
     uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
     return NULL;
   }
@@ -115,12 +115,116 @@ void conn_resume_reading(conn_t *c) {
   if (c->reading && tls_has_input(c)) tls_on_read(c, NULL, 0);
 }
 
+/* ---- timeouts: a FIFO list per duration, one uv_timer (runtime.h) ---- */
+
+/* Whether loop time a comes before b; both wrap at 32 bits, and every
+ * timeout is shorter than 2^31 ms. */
+static int before(uint32_t a, uint32_t b) {
+  return (int32_t)(a - b) < 0;
+}
+
+static void tq_unlink(conn_t *c) {
+  if (!c->tq) return;
+  conn_timeouts_t *to = &c->rt->timeouts;
+  conn_tq_t *q = &to->queues[c->tq - 1];
+  if (c->tq_prev) c->tq_prev->tq_next = c->tq_next;
+  else q->head = c->tq_next;
+  if (c->tq_next) c->tq_next->tq_prev = c->tq_prev;
+  else q->tail = c->tq_prev;
+  c->tq_prev = c->tq_next = NULL;
+  c->tq = 0;
+  /* An earlier head that went leaves the timer early: it finds nothing due
+   * and waits again. With no timeout left it stops (the loop may end). */
+  if (--to->count == 0) uv_timer_stop(&to->timer);
+}
+
+/* The list of the duration ms (made on first use): its index, or -1. */
+static int tq_find(conn_timeouts_t *to, uint32_t ms) {
+  for (unsigned i = 0; i < to->nqueues; i++)
+    if (to->queues[i].ms == ms) return (int)i;
+  if (to->nqueues == (1u << 13) - 1) return -1; /* conn_t.tq's 13 bits */
+  if (to->nqueues == to->cap) {
+    unsigned cap = to->cap ? to->cap * 2 : 8;
+    conn_tq_t *q = realloc(to->queues, cap * sizeof *q);
+    if (!q) return -1;
+    to->queues = q;
+    to->cap = cap;
+  }
+  to->queues[to->nqueues] = (conn_tq_t){.ms = ms};
+  return (int)to->nqueues++;
+}
+
+/* The conn that times out first: the earliest of the lists' heads. */
+static conn_t *tq_first(const conn_timeouts_t *to) {
+  conn_t *first = NULL;
+  for (unsigned i = 0; i < to->nqueues; i++) {
+    conn_t *h = to->queues[i].head;
+    if (h && (!first || before(h->tq_due, first->tq_due))) first = h;
+  }
+  return first;
+}
+
+static void on_timeouts(uv_timer_t *t) {
+  runtime_t *rt = t->data;
+  conn_timeouts_t *to = &rt->timeouts;
+  /* Timeouts set by the callbacks are due after now: the loop ends. */
+  uint32_t now = (uint32_t)uv_now(&rt->loop);
+  conn_t *c;
+  while ((c = tq_first(to)) && !before(now, c->tq_due)) {
+    to->fired_ms = to->queues[c->tq - 1].ms;
+    tq_unlink(c);
+    on_timer(c);
+  }
+  if ((c = tq_first(to))) {
+    int32_t wait = (int32_t)(c->tq_due - (uint32_t)uv_now(&rt->loop));
+    uv_timer_start(&to->timer, on_timeouts, wait > 0 ? (uint64_t)wait : 0, 0);
+  }
+}
+
 void conn_set_timer(conn_t *c, uint64_t ms) {
-  if (!c->closing) uv_timer_start(&c->timer, on_timer, ms, 0);
+  if (c->closing) return;
+  conn_timeouts_t *to = &c->rt->timeouts;
+  tq_unlink(c);
+  if (ms == 0) ms = 1; /* not in the loop turn that set it */
+  if (ms > INT32_MAX) ms = INT32_MAX; /* 24 days: the wrapping comparison's bound */
+  int i = tq_find(to, (uint32_t)ms);
+  if (i < 0) {
+    conn_close(c);
+    return;
+  }
+  conn_tq_t *q = &to->queues[i];
+  c->tq_due = (uint32_t)(uv_now(&c->rt->loop) + ms);
+  c->tq = (unsigned)i + 1;
+  c->tq_prev = q->tail;
+  c->tq_next = NULL;
+  if (q->tail) q->tail->tq_next = c;
+  else q->head = c;
+  q->tail = c;
+  to->count++;
+  /* Behind another conn of its list it is due after that one: only a new
+   * head may come before what the timer waits for. */
+  if (q->head == c &&
+      (!uv_is_active((uv_handle_t *)&to->timer) || uv_timer_get_due_in(&to->timer) > ms))
+    uv_timer_start(&to->timer, on_timeouts, ms, 0);
 }
 
 void conn_stop_timer(conn_t *c) {
-  uv_timer_stop(&c->timer);
+  tq_unlink(c);
+}
+
+void conn_repeat_timer(conn_t *c) {
+  conn_set_timer(c, c->rt->timeouts.fired_ms);
+}
+
+void conn_timeouts_init(runtime_t *rt) {
+  uv_timer_init(&rt->loop, &rt->timeouts.timer);
+  rt->timeouts.timer.data = rt;
+}
+
+void conn_timeouts_free(runtime_t *rt) {
+  free(rt->timeouts.queues);
+  rt->timeouts.queues = NULL;
+  rt->timeouts.nqueues = rt->timeouts.cap = 0;
 }
 
 void conn_mark_dirty(conn_t *c) {
@@ -140,28 +244,32 @@ int conn_send(conn_t *c, hbuf_t *b) {
       c->out_len -= c->out_head;
       c->out_head = 0;
     } else {
-      unsigned cap = c->out_cap ? c->out_cap * 2 : 4;
-      out_item_t *q = realloc(c->outq, cap * sizeof *q);
+      unsigned cap = c->out_cap >= 4 ? c->out_cap * 2 : 4;
+      int inline_q = c->outq == &c->out1;
+      out_item_t *q = realloc(inline_q ? NULL : c->outq, cap * sizeof *q);
       if (!q) return -1;
+      if (inline_q) q[0] = c->out1; /* out_len is 1 */
       c->outq = q;
       c->out_cap = cap;
     }
   }
   c->outq[c->out_len++].buf = hbuf_ref(b);
   c->queued_bytes += b->len;
+  c->server->queued_bytes += b->len;
   conn_mark_dirty(c);
   return 0;
 }
 
 int conn_queue_cipher(conn_t *c, hbuf_t *b) {
   if (conn_send(c, b) != 0) return -1; /* at the end, then moved before the plaintext */
-  unsigned at = c->out_head + c->out_cipher, last = c->out_len - 1;
+  unsigned *cipher = tls_out_cipher(c);
+  unsigned at = c->out_head + *cipher, last = c->out_len - 1;
   if (last > at) {
     out_item_t item = c->outq[last];
     memmove(c->outq + at + 1, c->outq + at, (last - at) * sizeof *c->outq);
     c->outq[at] = item;
   }
-  c->out_cipher++;
+  (*cipher)++;
   return 0;
 }
 
@@ -209,14 +317,16 @@ static void consume(conn_t *c, size_t bytes, unsigned limit) {
     if (bytes < left) {
       c->out_off += bytes;
       c->queued_bytes -= bytes;
+      c->server->queued_bytes -= bytes;
       return;
     }
     bytes -= left;
     c->queued_bytes -= left;
+    c->server->queued_bytes -= left;
     hbuf_unref(b);
     c->out_head++;
     c->out_off = 0;
-    if (c->tls) c->out_cipher--;
+    if (c->tls) (*tls_out_cipher(c))--;
     limit--;
   }
 }
@@ -261,7 +371,7 @@ static void flush(conn_t *c) {
     return;
   }
   /* Over TLS only ciphertext is written; plaintext may wait for the handshake. */
-  unsigned n = c->tls ? c->out_cipher : c->out_len - c->out_head;
+  unsigned n = c->tls ? *tls_out_cipher(c) : c->out_len - c->out_head;
   if (n == 0) {
     if (c->out_len == c->out_head) on_queue_empty(c);
     return;

@@ -1,4 +1,4 @@
-/* conn: one TCP connection. It owns the socket, the timer, the out queue of
+/* conn: one TCP connection. It owns the socket, its timeout, the out queue of
  * shared chunks and its own lifetime; the protocol spoken on it (HTTP now,
  * SSE and WebSocket after an upgrade) is a table of functions it calls. */
 #ifndef HERALD_CONN_H
@@ -20,7 +20,7 @@ typedef struct conn_proto {
   void (*on_data)(conn_t *c, const char *data, size_t len);
   /* The peer closed its side, or the socket failed. */
   void (*on_eof)(conn_t *c);
-  /* The conn's timer fired (the protocol set it). */
+  /* The conn's timeout came (the protocol set it with conn_set_timer). */
   void (*on_timeout)(conn_t *c);
   /* The out queue fell below the resume mark after the protocol paused input. */
   void (*on_writable)(conn_t *c);
@@ -41,34 +41,44 @@ typedef struct out_item {
 
 typedef struct tls_conn tls_conn_t;
 
+/* Every connection has one, idle ones too: 440 bytes on x86-64 (448 with
+ * malloc's header), of which libuv's uv_tcp_t is 248; mind the padding.
+ * tcp comes first: libuv's callbacks get the conn from the handle itself,
+ * and its data field holds the conn's Lua handle (conn_lua_handle). */
 struct conn {
   uv_tcp_t tcp;
-  uv_timer_t timer;
   runtime_t *rt;
   server_t *server;
   const conn_proto_t *proto;
   conn_t *prev, *next;     /* the server's list */
   conn_t *prev_dirty, *next_dirty; /* the runtime's list of conns to flush */
+  /* The out queue: out1 until a second chunk waits (an idle conn has
+   * had one, its 101 or its SSE head), then an array that it keeps. */
   out_item_t *outq;
-  unsigned out_head, out_len, out_cap, out_inflight;
+  out_item_t out1;
   size_t out_off;          /* bytes of the head chunk already written */
-  unsigned out_cipher;     /* TLS: the first out_cipher queued chunks are ciphertext, the rest plaintext */
   size_t queued_bytes;     /* bytes queued and not yet written */
-  unsigned handles_open;   /* tcp and timer: freed when both are closed */
+  unsigned out_head, out_len, out_cap;
+  uint32_t tq_due;         /* loop time (ms, wrapping) of its timeout */
+  conn_t *tq_prev, *tq_next; /* its place in the runtime's timeout list (runtime.h) */
+  int lua_ref;             /* registry ref of the Lua handle, if one was made */
   unsigned dirty : 1, writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1,
       notify_close : 1,    /* tell Lua when it goes: it held a stream */
       backed_up : 1,       /* the kernel refused part of the last write: the peer reads slowly */
       http_done : 1,       /* another protocol took over from HTTP */
-      input_held : 1;      /* the protocol holds input back until the peer reads */
-  uint32_t heartbeat_ms;   /* SSE: comment interval */
-  int lua_ref;             /* registry ref of the Lua handle, if one was made */
-  void *lua_handle;        /* that handle's userdata, cleared on close */
+      input_held : 1,      /* the protocol holds input back until the peer reads */
+      out_inflight : 8,    /* chunks in the uv_write under way (at most MAX_WRITE_BATCH) */
+      tq : 13;             /* its timeout list's index + 1; 0: no timeout set */
   http_conn_t *http;       /* the HTTP parser's state; freed once another protocol took over */
   hub_member_t member;
   ws_conn_t *ws;           /* WebSocket state after a 101; freed with the conn */
   tls_conn_t *tls;         /* NULL on a plain listener */
   struct ip_entry *ip;     /* its address's entry in the server's table, if counted */
 };
+
+/* The userdata of the conn's Lua handle (lua_server.c), NULL if none was
+ * made or once the conn is gone. */
+#define conn_lua_handle(c) ((c)->tcp.data)
 
 /* Accepts a pending connection on listener into a new conn of server. */
 conn_t *conn_accept(server_t *server, uv_stream_t *listener);
@@ -84,8 +94,17 @@ void conn_end(conn_t *c);
 /* Closes now; queued output is dropped. */
 void conn_close(conn_t *c);
 
+/* The conn's one timeout: on_timeout (or the linger's or TLS handshake's
+ * end) after ms; setting it again replaces it. The conn is closed if the
+ * timeout cannot be kept (no memory for a new duration's list, or 8,191
+ * distinct durations already). */
 void conn_set_timer(conn_t *c, uint64_t ms);
 void conn_stop_timer(conn_t *c);
+/* In on_timeout: sets the timeout again, as long as the one that came. */
+void conn_repeat_timer(conn_t *c);
+/* The runtime's timeout lists: with the loop, and once its handles are closed. */
+void conn_timeouts_init(runtime_t *rt);
+void conn_timeouts_free(runtime_t *rt);
 void conn_pause_reading(conn_t *c);
 void conn_resume_reading(conn_t *c);
 

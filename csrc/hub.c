@@ -318,20 +318,29 @@ static void unlink_sub(hub_sub_t *s) {
   free(s);
 }
 
-static void free_held(hub_member_t *m) {
-  for (unsigned i = 0; i < m->nheld; i++) {
-    hub_msg_unref(m->held[i].msg);
-    hbuf_unref(m->held[i].direct);
+/* Frees an opening's held deliveries and the opening. */
+static void free_opening(hub_opening_t *o) {
+  if (!o) return;
+  for (unsigned i = 0; i < o->nheld; i++) {
+    hub_msg_unref(o->held[i].msg);
+    hbuf_unref(o->held[i].direct);
   }
-  free(m->held);
-  m->held = NULL;
-  m->nheld = m->held_cap = 0;
+  free(o->held);
+  free(o);
 }
 
-static void forget_fetch(hub_member_t *m) {
-  if (m->fetch) m->fetch->ud = NULL; /* the broker's reply finds nobody */
-  m->fetch = NULL;
-  m->awaiting = 0;
+/* The conn goes, or its hub: what it held is dropped, its history read forgotten. */
+static void release_opening(hub_member_t *m) {
+  hub_opening_t *o = m->opening;
+  if (o && o->fetch) o->fetch->ud = NULL; /* the broker's reply finds nobody */
+  m->opening = NULL;
+  free_opening(o);
+}
+
+/* The member's opening state, made on first use; NULL on ENOMEM. */
+static hub_opening_t *opening_of(hub_member_t *m) {
+  if (!m->opening) m->opening = calloc(1, sizeof *m->opening);
+  return m->opening;
 }
 
 static void on_hub_timer_closed(uv_handle_t *h) {
@@ -346,8 +355,7 @@ void hub_free(hub_t *hub) {
         conn_t *c = t->subs->conn;
         unlink_sub(t->subs);
         if (!c->member.subs) {
-          free_held(&c->member);
-          forget_fetch(&c->member);
+          release_opening(&c->member);
           c->member.hub = NULL;
         }
       }
@@ -362,23 +370,26 @@ void hub_free(hub_t *hub) {
 /* ---- members ---- */
 
 static int hold(hub_member_t *m, hub_msg_t *msg, hbuf_t *direct) {
-  if (m->nheld == m->held_cap) {
-    unsigned cap = m->held_cap ? m->held_cap * 2 : 8;
-    hub_held_t *h = realloc(m->held, cap * sizeof *h);
+  hub_opening_t *o = opening_of(m);
+  if (!o) return -1;
+  if (o->nheld == o->held_cap) {
+    unsigned cap = o->held_cap ? o->held_cap * 2 : 8;
+    hub_held_t *h = realloc(o->held, cap * sizeof *h);
     if (!h) return -1;
-    m->held = h;
-    m->held_cap = cap;
+    o->held = h;
+    o->held_cap = cap;
   }
   if (msg) msg->refs++;
   if (direct) hbuf_ref(direct);
-  m->held[m->nheld++] = (hub_held_t){msg, direct};
+  o->held[o->nheld++] = (hub_held_t){msg, direct};
   return 0;
 }
 
 /* A conn whose transport does not take deliveries yet is still opening;
  * one waiting for its history from the broker too. */
 static int is_open(const conn_t *c) {
-  return c->proto && c->proto->deliver != NULL && !c->member.awaiting;
+  return c->proto && c->proto->deliver != NULL &&
+         !(c->member.opening && c->member.opening->awaiting);
 }
 
 int hub_member_send(conn_t *c, hbuf_t *b) {
@@ -438,8 +449,7 @@ void hub_member_release(conn_t *c) {
     unlink_sub(m->subs);
     topic_free_if_idle(t);
   }
-  free_held(m);
-  forget_fetch(m);
+  release_opening(m);
   m->hub = NULL;
 }
 
@@ -563,12 +573,12 @@ static int lost_since(hub_t *hub, const hub_topic_t *t, const char *name, size_t
 static int start_with(conn_t *c, replay_t *r) {
   hub_member_t *m = &c->member;
   hub_t *hub = m->hub;
-  hub_member_t held = *m; /* taken over: a close on the way frees only what is ours */
-  m->held = NULL;
-  m->nheld = m->held_cap = 0;
+  /* taken over: the stream is open, and a close on the way frees only what is ours */
+  hub_opening_t none = {0}, *held = m->opening ? m->opening : &none;
+  m->opening = NULL;
   int rc = 0;
-  for (unsigned i = 0; i < held.nheld && rc == 0; i++)
-    if (held.held[i].msg) rc = replay_add(r, held.held[i].msg);
+  for (unsigned i = 0; i < held->nheld && rc == 0; i++)
+    if (held->held[i].msg) rc = replay_add(r, held->held[i].msg);
   if (r->n > 1) qsort(r->msgs, r->n, sizeof *r->msgs, by_seq);
   uint64_t delivered = 0; /* the previous seq: each message once */
   for (size_t i = 0; i < r->n; i++) {
@@ -579,10 +589,10 @@ static int start_with(conn_t *c, replay_t *r) {
     }
     hub_msg_unref(r->msgs[i]);
   }
-  for (unsigned i = 0; i < held.nheld && !c->closing && rc == 0; i++)
-    if (held.held[i].direct) conn_send(c, held.held[i].direct);
+  for (unsigned i = 0; i < held->nheld && !c->closing && rc == 0; i++)
+    if (held->held[i].direct) conn_send(c, held->held[i].direct);
   free(r->msgs);
-  free_held(&held);
+  if (held != &none) free_opening(held);
   return rc;
 }
 
@@ -597,10 +607,12 @@ int hub_member_start(conn_t *c, const char *last_id) {
   hub_t *hub = m->hub;
   replay_t r = {0};
   if (hub && last_id && hub->broker) {
-    m->awaiting = 1;
-    m->since_all = last_id[0] == '\0';
-    if (!m->since_all && hub_parse_id(last_id, &m->since_epoch, &m->since_seq) != 0)
-      m->since_seq = 0; /* not an id: treated as one from another epoch */
+    hub_opening_t *o = opening_of(m);
+    if (!o) return -1;
+    o->awaiting = 1;
+    o->since_all = last_id[0] == '\0';
+    if (!o->since_all && hub_parse_id(last_id, &o->since_epoch, &o->since_seq) != 0)
+      o->since_seq = 0; /* not an id: treated as one from another epoch */
     member_fetch(c);
     return 0;
   }
@@ -663,15 +675,16 @@ static void member_fetched(broker_fetch_t *f) {
   conn_t *c = f->ud;
   if (!c) return broker_fetch_free(f); /* the conn went meanwhile */
   hub_member_t *m = &c->member;
-  m->fetch = NULL;
+  hub_opening_t *o = m->opening; /* the fetch's: a conn that goes forgets it first */
+  o->fetch = NULL;
   if (f->error && !m->hub->broker_up) return broker_fetch_free(f); /* again once it is back */
-  m->awaiting = 0;
+  o->awaiting = 0;
   if (f->error) runtime_log(c->rt, "broker: reading history for a resume failed: %s", f->error);
   replay_t r = {0};
   int rc = 0;
   for (size_t i = 0; i < f->ntopics && !c->closing; i++) {
     broker_fetch_topic_t *ft = &f->topics[i];
-    if ((f->error || ft->lost) && !m->since_all && c->proto->gap) c->proto->gap(c, ft->name, ft->len);
+    if ((f->error || ft->lost) && !o->since_all && c->proto->gap) c->proto->gap(c, ft->name, ft->len);
     for (size_t k = 0; k < ft->n && rc == 0; k++) rc = replay_add(&r, ft->msgs[k]);
   }
   broker_fetch_free(f);
@@ -682,8 +695,9 @@ static void member_fetched(broker_fetch_t *f) {
  * is watched: a message published after the read is then sure to come live. */
 static void member_fetch(conn_t *c) {
   hub_member_t *m = &c->member;
+  hub_opening_t *o = m->opening;
   hub_t *hub = m->hub;
-  if (!m->awaiting || m->fetch || !hub->broker_up || c->closing) return;
+  if (!o || !o->awaiting || o->fetch || !hub->broker_up || c->closing) return;
   size_t n = 0;
   for (hub_sub_t *s = m->subs; s; s = s->next_in_conn, n++)
     if (!s->topic->watching) return;
@@ -694,12 +708,12 @@ static void member_fetch(conn_t *c) {
       f = NULL;
     }
   if (!f) return conn_close(c);
-  f->since = m->since_all ? FETCH_ALL : m->since_seq ? FETCH_AFTER : FETCH_UNKNOWN;
-  f->since_epoch = m->since_epoch;
-  f->since_seq = m->since_seq;
+  f->since = o->since_all ? FETCH_ALL : o->since_seq ? FETCH_AFTER : FETCH_UNKNOWN;
+  f->since_epoch = o->since_epoch;
+  f->since_seq = o->since_seq;
   f->done = member_fetched;
   f->ud = c;
-  m->fetch = f;
+  o->fetch = f;
   hub->broker->ops->fetch(hub->broker, f);
 }
 

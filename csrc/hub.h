@@ -58,12 +58,10 @@ typedef struct hub_held {
   hbuf_t *direct;
 } hub_held_t;
 
-/* The hub's part of a conn. */
-typedef struct hub_member {
-  hub_t *hub;
-  hub_sub_t *subs;
-  unsigned nsubs;
-  unsigned nconflated;  /* subscriptions holding a conflated message */
+/* What a conn's stream needs only while it opens: made when the first
+ * delivery is held (or a resume waits for the broker), gone when the stream
+ * starts, so that an open conn keeps only its hub_member_t. */
+typedef struct hub_opening {
   hub_held_t *held;     /* deliveries while the stream is being opened */
   unsigned nheld, held_cap;
   /* With a broker, a resuming stream waits for its history: */
@@ -72,6 +70,15 @@ typedef struct hub_member {
   uint32_t since_epoch;
   uint64_t since_seq;
   broker_fetch_t *fetch;   /* the read under way */
+} hub_opening_t;
+
+/* The hub's part of a conn (in every conn: 32 bytes). */
+typedef struct hub_member {
+  hub_t *hub;
+  hub_sub_t *subs;
+  unsigned nsubs;
+  unsigned nconflated;  /* subscriptions holding a conflated message */
+  hub_opening_t *opening; /* NULL once open, or while nothing is held */
 } hub_member_t;
 
 typedef struct hub_topic_config {

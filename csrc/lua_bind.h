@@ -39,6 +39,8 @@ typedef struct http_header http_header_t;
  * NULL once it is closed. */
 void bind_push_conn(lua_State *L, conn_t *c);
 conn_t *bind_check_conn(lua_State *L, int idx);
+/* The same, but also while the conn ends (no more output, not yet closed). */
+conn_t *bind_check_conn_ending(lua_State *L, int idx);
 
 /* Reads a flat list { name1, value1, ... } at idx into headers kept alive by
  * a userdata left on the stack; *n is the count. */

@@ -351,6 +351,7 @@ static int runtime_gc(lua_State *L) {
   uv_walk(&rt->loop, close_owned, NULL);
   uv_run(&rt->loop, UV_RUN_DEFAULT);
   uv_loop_close(&rt->loop);
+  conn_timeouts_free(rt);
   return 0;
 }
 
@@ -372,6 +373,7 @@ static int runtime_new(lua_State *L) {
   uv_timer_init(&rt->loop, &rt->drain_timer);
   rt->drain_timer.data = rt;
   uv_timer_init(&rt->loop, &rt->tick_timer);
+  conn_timeouts_init(rt);
   uv_signal_init(&rt->loop, &rt->sigint);
   uv_signal_init(&rt->loop, &rt->sigterm);
   uv_signal_init(&rt->loop, &rt->sighup);

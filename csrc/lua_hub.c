@@ -120,6 +120,23 @@ static int hub_unsubscribe_l(lua_State *L) {
   return 1;
 }
 
+/* hub:joined(conn, topic) -> whether conn is subscribed to topic (an ending
+ * conn stays subscribed until it closes) */
+static int hub_joined_l(lua_State *L) {
+  check_hub(L);
+  conn_t *c = bind_check_conn_ending(L, 2);
+  size_t len;
+  const char *topic = check_topic(L, 3, &len);
+  int joined = 0;
+  for (const hub_sub_t *s = c ? c->member.subs : NULL; s && !joined; s = s->next_in_conn) {
+    size_t n;
+    const char *name = hub_topic_name(s->topic, &n);
+    joined = n == len && memcmp(name, topic, len) == 0;
+  }
+  lua_pushboolean(L, joined);
+  return 1;
+}
+
 /* hub:leave_all(conn): a stream that failed to open */
 static int hub_leave_all(lua_State *L) {
   check_hub(L);
@@ -272,6 +289,7 @@ void bind_hub_open(lua_State *L, int runtime_idx) {
   static const luaL_Reg hub_methods[] = {
       {"publish", hub_publish_l},     {"subscribe", hub_subscribe_l},
       {"unsubscribe", hub_unsubscribe_l}, {"leave_all", hub_leave_all},
+      {"joined", hub_joined_l},
       {"history", hub_history_l},     {"subscribers", hub_subscribers},
       {"members", hub_members},       {"stats", hub_stats_l},
       {"__gc", hub_gc},               {NULL, NULL}};

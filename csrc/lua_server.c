@@ -36,8 +36,13 @@ conn_t *bind_check_conn(lua_State *L, int idx) {
 }
 #define check_conn(L) bind_check_conn(L, 1)
 
+conn_t *bind_check_conn_ending(lua_State *L, int idx) {
+  conn_handle_t *h = luaL_checkudata(L, idx, CONN_MT);
+  return h->c && !h->c->closing ? h->c : NULL;
+}
+
 void bind_push_conn(lua_State *L, conn_t *c) {
-  if (c->lua_handle) {
+  if (conn_lua_handle(c)) {
     lua_rawgeti(L, LUA_REGISTRYINDEX, c->lua_ref);
     return;
   }
@@ -46,7 +51,7 @@ void bind_push_conn(lua_State *L, conn_t *c) {
   luaL_setmetatable(L, CONN_MT);
   lua_pushvalue(L, -1);
   c->lua_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  c->lua_handle = h;
+  conn_lua_handle(c) = h;
 }
 
 static void on_conn_closed(conn_t *c, void *ud) {
@@ -67,8 +72,8 @@ static void on_conn_closed(conn_t *c, void *ud) {
     }
     bind_call(ls->rt, nargs);
   }
-  ((conn_handle_t *)c->lua_handle)->c = NULL;
-  c->lua_handle = NULL;
+  ((conn_handle_t *)conn_lua_handle(c))->c = NULL;
+  conn_lua_handle(c) = NULL;
   if (live) luaL_unref(L, LUA_REGISTRYINDEX, c->lua_ref);
 }
 
@@ -253,10 +258,8 @@ static int server_close_l(lua_State *L) {
 static int server_stats_l(lua_State *L) {
   lua_server_t *ls = check_server(L);
   server_t *s = ls->srv;
-  size_t queued = 0;
   lua_Integer http = 0, sse = 0, ws = 0;
   for (conn_t *c = s->conns; c; c = c->next) {
-    queued += c->queued_bytes;
     if (c->proto && c->proto->name[0] == 'w') ws++;
     else if (c->proto && c->proto->name[0] == 's') sse++;
     else http++;
@@ -276,7 +279,7 @@ static int server_stats_l(lua_State *L) {
   lua_setfield(L, -2, "bytes_in");
   lua_pushinteger(L, (lua_Integer)s->stats.bytes_out);
   lua_setfield(L, -2, "bytes_out");
-  lua_pushinteger(L, (lua_Integer)queued);
+  lua_pushinteger(L, (lua_Integer)s->queued_bytes);
   lua_setfield(L, -2, "queued_bytes");
   lua_pushinteger(L, (lua_Integer)s->stats.slow_closed);
   lua_setfield(L, -2, "slow_closed");
@@ -289,6 +292,12 @@ static int server_stats_l(lua_State *L) {
     lua_setfield(L, -2, kind);
   }
   lua_setfield(L, -2, "errors");
+  return 1;
+}
+
+/* srv:queued_bytes() -> bytes its conns have waiting to be written */
+static int server_queued_l(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)check_server(L)->srv->queued_bytes);
   return 1;
 }
 
@@ -410,7 +419,7 @@ static int conn_peer(lua_State *L) {
 void bind_server_open(lua_State *L, int runtime_idx) {
   static const luaL_Reg server_methods[] = {
       {"listen", server_listen_l}, {"close", server_close_l}, {"reload_tls", server_reload_tls_l},
-      {"stats", server_stats_l}, {"listeners", server_listeners},
+      {"stats", server_stats_l}, {"queued_bytes", server_queued_l}, {"listeners", server_listeners},
       {"connections", server_connections}, {"__gc", server_gc}, {NULL, NULL}};
   static const luaL_Reg conn_methods[] = {
       {"respond", conn_respond}, {"close", conn_close_l}, {"finish", conn_finish}, {"alive", conn_alive},

@@ -86,4 +86,5 @@ void bind_ws_open(lua_State *L, int runtime_idx) {
   lua_pop(L, 1);
   lua_pushcfunction(L, core_ws_accept);
   lua_setfield(L, -2, "ws_accept");
+  ws_init();
 }

@@ -20,10 +20,32 @@ typedef struct runtime_fork_hook {
   struct runtime_fork_hook *next;
 } runtime_fork_hook_t;
 
+/* The timeouts of the runtime's conns (conn_set_timer) without a uv_timer_t
+ * (152 bytes) in every conn: a FIFO list of conns per distinct duration.
+ * A conn goes in at the tail with now + duration, behind every conn already
+ * there, so each list stays sorted by due time; one uv_timer waits for the
+ * earliest head. Setting, moving and stopping a timeout are O(1) and as
+ * exact as a uv_timer. The durations come from the configuration (header
+ * and idle timeouts, heartbeats, ping intervals, TLS handshakes, linger and
+ * close waits), so there are a handful of lists. */
+typedef struct conn_tq {
+  uint32_t ms;            /* every conn in it times out this long after it was put in */
+  conn_t *head, *tail;
+} conn_tq_t;
+
+typedef struct conn_timeouts {
+  uv_timer_t timer;       /* fires at the earliest head's due time; stopped when all are empty */
+  conn_tq_t *queues;
+  unsigned nqueues, cap;
+  unsigned count;         /* conns in all the lists */
+  uint32_t fired_ms;      /* the duration of the timeout being handled (conn_repeat_timer) */
+} conn_timeouts_t;
+
 typedef struct runtime {
   uv_loop_t loop;
   uv_prepare_t flusher;   /* writes every dirty conn's queue once per loop turn */
   conn_t *dirty;          /* conns with queued output not yet handed to the kernel */
+  conn_timeouts_t timeouts; /* every conn's timeout (conn.c) */
   server_t *servers;      /* every server with listeners or connections */
   htimer_t *timers;       /* Lua timers, closed with the state */
   client_t *clients;      /* herald.test's client sockets */

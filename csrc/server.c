@@ -252,7 +252,7 @@ void server_remove_conn(server_t *s, conn_t *c) {
   s->nconns--;
   if (c->rejected) s->rejecting--;
   if (c->ip) ip_release(&s->ips, c->ip, uv_now(&s->rt->loop));
-  if (c->lua_handle && s->on_conn_closed) s->on_conn_closed(c, s->ud);
+  if (conn_lua_handle(c) && s->on_conn_closed) s->on_conn_closed(c, s->ud);
   if (s->draining) runtime_check_drained(s->rt);
   free_if_done(s);
 }

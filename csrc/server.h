@@ -71,6 +71,7 @@ struct server {
   unsigned rejecting;     /* conns being answered 503/429 for a connection limit */
   ip_table_t ips;         /* per client address: connections and connection rate */
   server_stats_t stats;
+  size_t queued_bytes;    /* its conns' queued_bytes, summed (every stream's open checks it) */
   int draining;
   int orphaned;           /* its Lua owner is gone: free it once it is empty */
   server_t *next_in_rt, *prev_in_rt;

@@ -113,7 +113,7 @@ static void on_timeout(conn_t *c) {
     conn_close(c);
     return;
   }
-  conn_set_timer(c, c->heartbeat_ms);
+  conn_repeat_timer(c);
 }
 
 /* Shutting down: the client should come back (to another node behind the
@@ -148,7 +148,6 @@ int sse_start(conn_t *c, const http_header_t *extra, size_t nextra, uint32_t hea
   memcpy(headers, fixed, sizeof fixed);
   if (nextra) memcpy(headers + nfixed, extra, nextra * sizeof *extra);
   if (http_takeover(c, 200, headers, nfixed + nextra, &sse_proto, err) != 0) return -1;
-  c->heartbeat_ms = heartbeat_ms;
   c->notify_close = 1;
   if (retry_ms >= 0) {
     char line[32];

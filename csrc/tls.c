@@ -32,6 +32,7 @@ struct tls_conn {
   SSL *ssl;
   BIO *rbio, *wbio;        /* the socket's side: ciphertext in and out */
   tls_config_t *cfg;
+  unsigned out_cipher;     /* tls_out_cipher */
   unsigned done : 1, shutdown_sent : 1;
 };
 
@@ -214,6 +215,10 @@ void tls_conn_free(conn_t *c) {
   c->tls = NULL;
 }
 
+unsigned *tls_out_cipher(conn_t *c) {
+  return &c->tls->out_cipher;
+}
+
 int tls_handshake_done(const conn_t *c) {
   return c->tls && c->tls->done;
 }
@@ -287,7 +292,7 @@ static int encrypt_queue(conn_t *c) {
   char staging[RECORD];
   size_t used = 0;
   int rc = 0;
-  unsigned first = c->out_head + c->out_cipher;
+  unsigned first = c->out_head + c->tls->out_cipher;
   for (unsigned i = first; i < c->out_len; i++) {
     hbuf_t *b = c->outq[i].buf;
     if (rc == 0 && used && used + b->len > RECORD) {
@@ -301,6 +306,7 @@ static int encrypt_queue(conn_t *c) {
       used += b->len;
     }
     c->queued_bytes -= b->len;
+    c->server->queued_bytes -= b->len;
     hbuf_unref(b);
   }
   c->out_len = first;

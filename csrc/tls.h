@@ -34,6 +34,9 @@ void tls_config_unref(tls_config_t *cfg);
 /* Puts TLS on a new conn; -1 on ENOMEM. */
 int tls_conn_start(conn_t *c, tls_config_t *cfg);
 void tls_conn_free(conn_t *c);
+/* The count of queued chunks, at the head of a TLS conn's out queue, that
+ * are ciphertext (conn.c writes those only; the rest is plaintext). */
+unsigned *tls_out_cipher(conn_t *c);
 int tls_handshake_done(const conn_t *c);
 
 /* Bytes from the socket: decrypted and given to the conn's protocol.

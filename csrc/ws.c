@@ -14,18 +14,20 @@
 #define CLOSE_WAIT_MS 5000
 #define MAX_CONTROL 125
 
-struct ws_conn {
+/* What reading needs only while a frame or a message is partly read, or
+ * input is held back: made when input comes, freed when it ends on a
+ * message boundary, so that an idle conn keeps only its ws_conn_t. */
+typedef struct ws_read {
   wslay_frame_context_ptr frames;
   const char *in; /* input not yet taken by wslay */
   size_t in_len;
   /* Bytes given to wslay, and bytes of frames it has returned (headers and
    * payload): equal, wslay holds nothing and its context (4 KiB of buffer)
-   * is freed until the next input, so an idle conn costs little. */
+   * is freed until the next input. */
   uint64_t given, parsed;
   char *held_input;        /* input not given to wslay while reading is paused */
   size_t held_len;
   uint8_t tail[14]; /* the last bytes given to wslay: at most one frame head */
-  ws_options_t opt;
   /* the frame being read */
   uint64_t frame_len, frame_off;
   uint8_t frame_opcode, frame_fin;
@@ -34,22 +36,47 @@ struct ws_conn {
   hstr_t msg;
   utf8_state_t utf8;
   uint8_t *control; /* a control frame's payload while it is read */
+} ws_read_t;
+
+/* A WebSocket conn's state for as long as it lives: 40 bytes (48 with
+ * malloc's header), as most conns are idle most of the time; ws_options_t
+ * packed in. */
+struct ws_conn {
+  ws_read_t *rd;   /* NULL between messages */
+  char *reason;    /* the close reason, once there is one */
+  uint32_t max_message; /* options: at most 1 GiB */
+  uint32_t ping_ms, max_rate;
   /* the rate limit: a bucket of max_rate tokens, refilled each second */
   uint32_t tokens;
-  uint64_t refilled_ms;
-  /* keepalive and close */
-  unsigned heard : 1, ping_due : 1, close_sent : 1, close_received : 1;
-  uint16_t close_code; /* the peer's, or ours if it sent none */
+  uint32_t refilled_ms; /* loop time (wrapping at 49 days) of the last refill */
+  uint16_t close_code;  /* the peer's, or ours if it sent none */
   uint8_t reason_len;
-  char *reason; /* the close reason, once there is one */
+  uint8_t envelope : 1, rate_drop : 1, /* options */
+      heard : 1, ping_due : 1, close_sent : 1, close_received : 1; /* keepalive and close */
 };
+
+/* SHA-1, fetched once for the process: EVP_sha1() makes OpenSSL 3 look it up
+ * (under a lock) at every handshake, and its first use loads the default
+ * provider, 2 MB of libcrypto's pages, which ws_init does at load instead
+ * of under the first client. Never freed: the process keeps it. */
+static uv_once_t sha1_once = UV_ONCE_INIT;
+static EVP_MD *sha1;
+
+static void fetch_sha1(void) {
+  sha1 = EVP_MD_fetch(NULL, "SHA1", NULL);
+}
+
+void ws_init(void) {
+  uv_once(&sha1_once, fetch_sha1);
+}
 
 int ws_accept_key(const char *key, size_t len, char out[29]) {
   static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int dlen = 0;
+  ws_init();
   EVP_MD_CTX *md = EVP_MD_CTX_new();
-  int ok = md && EVP_DigestInit_ex(md, EVP_sha1(), NULL) && EVP_DigestUpdate(md, key, len) &&
+  int ok = md && EVP_DigestInit_ex(md, sha1 ? sha1 : EVP_sha1(), NULL) && EVP_DigestUpdate(md, key, len) &&
            EVP_DigestUpdate(md, guid, sizeof guid - 1) && EVP_DigestFinal_ex(md, digest, &dlen);
   EVP_MD_CTX_free(md);
   if (!ok || dlen != 20) return -1;
@@ -120,17 +147,17 @@ static void fail(conn_t *c, int code, const char *why) {
 
 static ssize_t wslay_recv(uint8_t *buf, size_t len, int flags, void *ud) {
   (void)flags;
-  ws_conn_t *ws = ((conn_t *)ud)->ws;
-  if (ws->in_len == 0) return 0; /* wslay: want read */
-  if (len > ws->in_len) len = ws->in_len;
-  memcpy(buf, ws->in, len);
+  ws_read_t *r = ((conn_t *)ud)->ws->rd;
+  if (r->in_len == 0) return 0; /* wslay: want read */
+  if (len > r->in_len) len = r->in_len;
+  memcpy(buf, r->in, len);
   /* keep the last bytes given: at a frame boundary they hold the next head */
-  size_t keep = len < sizeof ws->tail ? len : sizeof ws->tail;
-  memmove(ws->tail, ws->tail + keep, sizeof ws->tail - keep);
-  memcpy(ws->tail + sizeof ws->tail - keep, buf + len - keep, keep);
-  ws->in += len;
-  ws->in_len -= len;
-  ws->given += len;
+  size_t keep = len < sizeof r->tail ? len : sizeof r->tail;
+  memmove(r->tail, r->tail + keep, sizeof r->tail - keep);
+  memcpy(r->tail + sizeof r->tail - keep, buf + len - keep, keep);
+  r->in += len;
+  r->in_len -= len;
+  r->given += len;
   return (ssize_t)len;
 }
 
@@ -171,17 +198,17 @@ static void on_close_frame(conn_t *c, const uint8_t *p, size_t len) {
  * it or closes with 1008 (policy violation). */
 static int within_rate(conn_t *c) {
   ws_conn_t *ws = c->ws;
-  if (!ws->opt.max_rate) return 1;
-  uint64_t now = uv_now(&c->rt->loop);
-  if (now - ws->refilled_ms >= 1000) {
-    ws->tokens = ws->opt.max_rate;
+  if (!ws->max_rate) return 1;
+  uint32_t now = (uint32_t)uv_now(&c->rt->loop);
+  if ((uint32_t)(now - ws->refilled_ms) >= 1000) {
+    ws->tokens = ws->max_rate;
     ws->refilled_ms = now;
   }
   if (ws->tokens > 0) {
     ws->tokens--;
     return 1;
   }
-  if (!ws->opt.rate_drop) fail(c, WS_POLICY, "message rate exceeded");
+  if (!ws->rate_drop) fail(c, WS_POLICY, "message rate exceeded");
   return 0;
 }
 
@@ -198,36 +225,38 @@ static void on_control(conn_t *c, int opcode, const uint8_t *p, size_t len) {
 
 static void on_message(conn_t *c) {
   ws_conn_t *ws = c->ws;
-  int binary = ws->msg_opcode == WS_BINARY;
-  ws->msg_opcode = 0;
-  if (!binary && ws->utf8.need) {
+  ws_read_t *r = ws->rd;
+  int binary = r->msg_opcode == WS_BINARY;
+  r->msg_opcode = 0;
+  if (!binary && r->utf8.need) {
     fail(c, WS_INVALID_DATA, "text message is not UTF-8");
     return;
   }
   if (ws->close_sent) return; /* closing: late messages are dropped */
   if (!within_rate(c)) {
-    ws->msg.len = 0;
+    r->msg.len = 0;
     return;
   }
   if (c->server->on_message)
-    c->server->on_message(c, ws->msg.data ? ws->msg.data : "", ws->msg.len, binary, c->server->ud);
-  ws->msg.len = 0;
+    c->server->on_message(c, r->msg.data ? r->msg.data : "", r->msg.len, binary, c->server->ud);
+  r->msg.len = 0; /* r outlives a close the handler made (release_read) */
 }
 
 /* What RFC 6455 forbids in a client frame's head that wslay lets through,
  * or NULL; *code is the close code. len is UINT64_MAX while unknown. */
 static const char *frame_problem(const ws_conn_t *ws, int masked, int rsv, int op, uint64_t len,
                                  int *code) {
+  const ws_read_t *r = ws->rd;
   *code = WS_PROTOCOL_ERROR;
   if (!masked) return "client frames must be masked";
   if (rsv) return "reserved bits set";
   if (op >= 8 && op != WS_CLOSE && op != WS_PING && op != WS_PONG) return "unknown opcode";
   if (op > WS_BINARY && op < 8) return "unknown opcode";
-  if (op == 0 && !ws->msg_opcode) return "continuation without a message";
-  if ((op == WS_TEXT || op == WS_BINARY) && ws->msg_opcode)
+  if (op == 0 && !r->msg_opcode) return "continuation without a message";
+  if ((op == WS_TEXT || op == WS_BINARY) && r->msg_opcode)
     return "new message inside a fragmented one";
-  size_t so_far = op == 0 ? ws->msg.len : 0;
-  if (op < 8 && len != UINT64_MAX && len > ws->opt.max_message - so_far) {
+  size_t so_far = op == 0 ? r->msg.len : 0;
+  if (op < 8 && len != UINT64_MAX && len > ws->max_message - so_far) {
     *code = WS_TOO_BIG;
     return "message too big";
   }
@@ -236,27 +265,27 @@ static const char *frame_problem(const ws_conn_t *ws, int masked, int rsv, int o
 
 /* The first bytes of a frame, as wslay returns them with its first payload. */
 static int frame_start(conn_t *c, const struct wslay_frame_iocb *f) {
-  ws_conn_t *ws = c->ws;
+  ws_read_t *r = c->ws->rd;
   int code, op = f->opcode;
-  const char *why = frame_problem(ws, f->mask, f->rsv, op, f->payload_length, &code);
+  const char *why = frame_problem(c->ws, f->mask, f->rsv, op, f->payload_length, &code);
   if (why) {
     fail(c, code, why);
     return -1;
   }
   if (op == WS_TEXT || op == WS_BINARY) {
-    ws->msg_opcode = (uint8_t)op;
-    ws->utf8 = (utf8_state_t){0};
-    ws->msg.len = 0;
+    r->msg_opcode = (uint8_t)op;
+    r->utf8 = (utf8_state_t){0};
+    r->msg.len = 0;
   }
-  if (op >= 8 && f->payload_length && !ws->control && !(ws->control = malloc(MAX_CONTROL))) {
+  if (op >= 8 && f->payload_length && !r->control && !(r->control = malloc(MAX_CONTROL))) {
     conn_close(c);
     return -1;
   }
-  ws->parsed += 2 + (f->payload_length > 0xFFFF ? 8 : f->payload_length > 125 ? 2 : 0) + 4;
-  ws->frame_opcode = (uint8_t)op;
-  ws->frame_fin = f->fin;
-  ws->frame_len = f->payload_length;
-  ws->frame_off = 0;
+  r->parsed += 2 + (f->payload_length > 0xFFFF ? 8 : f->payload_length > 125 ? 2 : 0) + 4;
+  r->frame_opcode = (uint8_t)op;
+  r->frame_fin = f->fin;
+  r->frame_len = f->payload_length;
+  r->frame_off = 0;
   return 0;
 }
 
@@ -264,10 +293,10 @@ static int frame_start(conn_t *c, const struct wslay_frame_iocb *f) {
  * a huge message, say) is checked here from the bytes wslay holds, which at
  * a frame boundary are at most one head: the last given - parsed bytes. */
 static void precheck_head(conn_t *c) {
-  ws_conn_t *ws = c->ws;
-  uint64_t held = ws->given - ws->parsed;
-  if (held < 2 || held > sizeof ws->tail) return;
-  const uint8_t *h = ws->tail + sizeof ws->tail - held;
+  ws_read_t *r = c->ws->rd;
+  uint64_t held = r->given - r->parsed;
+  if (held < 2 || held > sizeof r->tail) return;
+  const uint8_t *h = r->tail + sizeof r->tail - held;
   uint64_t len = h[1] & 0x7f;
   if (len == 126)
     len = held >= 4 ? (uint64_t)h[2] << 8 | h[3] : UINT64_MAX;
@@ -278,33 +307,33 @@ static void precheck_head(conn_t *c) {
     len = UINT64_MAX;
   }
   int code;
-  const char *why = frame_problem(ws, h[1] >> 7, (h[0] >> 4) & 7, h[0] & 0xf, len, &code);
+  const char *why = frame_problem(c->ws, h[1] >> 7, (h[0] >> 4) & 7, h[0] & 0xf, len, &code);
   if (why) fail(c, code, why);
 }
 
 static void frame_data(conn_t *c, const struct wslay_frame_iocb *f) {
-  ws_conn_t *ws = c->ws;
-  if (ws->frame_opcode >= 8) {
-    if (f->data_length) memcpy(ws->control + ws->frame_off, f->data, f->data_length);
+  ws_read_t *r = c->ws->rd;
+  if (r->frame_opcode >= 8) {
+    if (f->data_length) memcpy(r->control + r->frame_off, f->data, f->data_length);
   } else {
-    if (ws->msg_opcode == WS_TEXT && utf8_feed(&ws->utf8, f->data, f->data_length) != 0) {
+    if (r->msg_opcode == WS_TEXT && utf8_feed(&r->utf8, f->data, f->data_length) != 0) {
       fail(c, WS_INVALID_DATA, "text message is not UTF-8");
       return;
     }
-    if (hstr_append(&ws->msg, f->data, f->data_length) != 0) {
+    if (hstr_append(&r->msg, f->data, f->data_length) != 0) {
       conn_close(c);
       return;
     }
   }
-  ws->frame_off += f->data_length;
-  ws->parsed += f->data_length;
+  r->frame_off += f->data_length;
+  r->parsed += f->data_length;
 }
 
 /* What we owe a peer that sends faster than it reads (pongs to a ping flood,
  * echoes) is bounded: past max_queued its input waits, unread, until it has
  * read. A peer that never reads then stays silent and keepalive drops it. */
 static int hold_input(conn_t *c) {
-  ws_conn_t *ws = c->ws;
+  ws_read_t *r = c->ws->rd;
   if (c->backed_up) { /* and the kernel already refuses: it does not read */
     c->server->stats.slow_closed++;
     conn_close(c);
@@ -312,29 +341,47 @@ static int hold_input(conn_t *c) {
   }
   conn_pause_reading(c);
   c->input_held = 1;
-  if (ws->in_len == 0) return 0;
-  char *p = realloc(ws->held_input, ws->held_len + ws->in_len);
+  if (r->in_len == 0) return 0;
+  char *p = realloc(r->held_input, r->held_len + r->in_len);
   if (!p) {
     conn_close(c);
     return -1;
   }
-  memcpy(p + ws->held_len, ws->in, ws->in_len);
-  ws->held_input = p;
-  ws->held_len += ws->in_len;
-  ws->in_len = 0;
+  memcpy(p + r->held_len, r->in, r->in_len);
+  r->held_input = p;
+  r->held_len += r->in_len;
+  r->in_len = 0;
   return 0;
 }
 
 static const struct wslay_frame_callbacks wslay_callbacks = {wslay_send_unused, wslay_recv, NULL};
 
+/* Frees the reading state's buffers; the struct stays, as on_data may be
+ * running under a callback that closed the conn. */
+static void release_read(ws_read_t *r) {
+  if (r->frames) wslay_frame_context_free(r->frames);
+  r->frames = NULL;
+  hstr_free(&r->msg);
+  free(r->control);
+  r->control = NULL;
+  free(r->held_input);
+  r->held_input = NULL;
+  r->held_len = 0;
+}
+
 static void on_data(conn_t *c, const char *data, size_t len) {
   ws_conn_t *ws = c->ws;
-  if (!ws->frames && wslay_frame_context_init(&ws->frames, &wslay_callbacks, c) != 0) {
+  if (!ws->rd && !(ws->rd = calloc(1, sizeof *ws->rd))) {
     conn_close(c);
     return;
   }
-  ws->in = data;
-  ws->in_len = len;
+  ws_read_t *r = ws->rd; /* freed here, or with the conn */
+  if (!r->frames && wslay_frame_context_init(&r->frames, &wslay_callbacks, c) != 0) {
+    conn_close(c);
+    return;
+  }
+  r->in = data;
+  r->in_len = len;
   ws->heard = 1;
   while (!c->closing && !c->ending) {
     if (c->queued_bytes >= c->server->limits.max_queued) { /* owes too much: hold the rest */
@@ -342,33 +389,42 @@ static void on_data(conn_t *c, const char *data, size_t len) {
       break;
     }
     struct wslay_frame_iocb f;
-    int at_start = ws->frame_off == ws->frame_len; /* the last frame is done */
-    ssize_t r = wslay_frame_recv(ws->frames, &f);
-    if (r == WSLAY_ERR_WANT_READ) break;
-    if (r < 0) {
+    int at_start = r->frame_off == r->frame_len; /* the last frame is done */
+    ssize_t n = wslay_frame_recv(r->frames, &f);
+    if (n == WSLAY_ERR_WANT_READ) break;
+    if (n < 0) {
       fail(c, WS_PROTOCOL_ERROR, "malformed frame");
       return;
     }
     if (at_start && frame_start(c, &f) != 0) return;
     frame_data(c, &f);
-    if (c->closing || c->ending || ws->frame_off < ws->frame_len) continue;
-    if (ws->frame_opcode >= 8) {
-      on_control(c, ws->frame_opcode, ws->control, (size_t)ws->frame_len);
-      free(ws->control);
-      ws->control = NULL;
-    } else if (ws->frame_fin)
+    if (c->closing || c->ending || r->frame_off < r->frame_len) continue;
+    if (r->frame_opcode >= 8) {
+      on_control(c, r->frame_opcode, r->control, (size_t)r->frame_len);
+      free(r->control);
+      r->control = NULL;
+    } else if (r->frame_fin)
       on_message(c);
   }
-  ws->in = NULL;
-  ws->in_len = 0;
-  if (c->closing || c->ending || ws->frame_off != ws->frame_len) return;
-  if (ws->given != ws->parsed) {
+  r->in = NULL;
+  r->in_len = 0;
+  if (c->closing || c->ending || r->frame_off != r->frame_len) return;
+  if (r->given != r->parsed) {
     precheck_head(c);
     return;
   }
-  wslay_frame_context_free(ws->frames);
-  ws->frames = NULL;
-  if (!ws->msg_opcode && ws->msg.cap > 1024) hstr_free(&ws->msg);
+  /* At a frame boundary with nothing in wslay: its context goes, and
+   * between messages the whole reading state, unless input is held. */
+  wslay_frame_context_free(r->frames);
+  r->frames = NULL;
+  if (r->msg_opcode) return;
+  if (r->held_input) {
+    hstr_free(&r->msg);
+    return;
+  }
+  release_read(r);
+  free(r);
+  ws->rd = NULL;
 }
 
 /* ---- the conn ---- */
@@ -400,7 +456,7 @@ static void on_timeout(conn_t *c) {
       return;
     }
   }
-  conn_set_timer(c, ws->opt.ping_ms);
+  conn_set_timer(c, ws->ping_ms);
 }
 
 static void on_writable(conn_t *c) {
@@ -408,14 +464,16 @@ static void on_writable(conn_t *c) {
   ws_conn_t *ws = c->ws;
   if (c->reading || c->closing || c->ending || c->queued_bytes >= c->server->limits.max_queued / 2)
     return;
-  char *held = ws->held_input;
-  size_t len = ws->held_len;
-  ws->held_input = NULL;
-  ws->held_len = 0;
+  char *held = ws->rd ? ws->rd->held_input : NULL;
+  size_t len = held ? ws->rd->held_len : 0;
+  if (held) {
+    ws->rd->held_input = NULL;
+    ws->rd->held_len = 0;
+  }
   c->input_held = 0;
   if (held) on_data(c, held, len); /* may hold some again */
   free(held);
-  if (!ws->held_input && !c->closing && !c->ending) conn_resume_reading(c);
+  if (!(ws->rd && ws->rd->held_input) && !c->closing && !c->ending) conn_resume_reading(c);
 }
 
 static void on_drain(conn_t *c) {
@@ -423,20 +481,14 @@ static void on_drain(conn_t *c) {
 }
 
 static void on_close(conn_t *c) {
-  ws_conn_t *ws = c->ws;
-  if (ws->frames) wslay_frame_context_free(ws->frames);
-  ws->frames = NULL;
-  hstr_free(&ws->msg);
-  free(ws->control);
-  ws->control = NULL;
-  free(ws->held_input);
-  ws->held_input = NULL;
-  ws->held_len = 0;
+  if (c->ws->rd) release_read(c->ws->rd);
   /* the rest stays until the conn is freed: Lua asks how it ended */
 }
 
 void ws_conn_free(conn_t *c) {
   if (!c->ws) return;
+  if (c->ws->rd) release_read(c->ws->rd);
+  free(c->ws->rd);
   free(c->ws->reason);
   free(c->ws);
   c->ws = NULL;
@@ -446,8 +498,8 @@ void ws_conn_free(conn_t *c) {
  * envelope. Either is built at its first use and shared from then on. */
 static void deliver(conn_t *c, hub_msg_t *m) {
   if (c->ws->close_sent) return;
-  hbuf_t **slot = c->ws->opt.envelope ? &m->ws_envelope : &m->ws_raw;
-  if (!*slot && !c->ws->opt.envelope) {
+  hbuf_t **slot = c->ws->envelope ? &m->ws_envelope : &m->ws_raw;
+  if (!*slot && !c->ws->envelope) {
     int op = utf8_valid(m->data, m->data_len) ? WS_TEXT : WS_BINARY;
     *slot = frame(op, m->data, m->data_len, NULL, 0);
   } else if (!*slot) {
@@ -470,7 +522,7 @@ static void deliver(conn_t *c, hub_msg_t *m) {
 
 static void gap(conn_t *c, const char *name, size_t len) {
   /* Only the envelope can say it: raw payloads have no room for it. */
-  if (!c->ws->opt.envelope) return;
+  if (!c->ws->envelope) return;
   hstr_t json = {0};
   int rc = hstr_append(&json, "{\"topic\":", 9) | json_append_string(&json, name, len) |
            hstr_append(&json, ",\"event\":\"herald-gap\"}", 22);
@@ -497,9 +549,13 @@ int ws_start(conn_t *c, const http_header_t *headers, size_t nheaders, const ws_
     *err = "out of memory";
     return -1;
   }
-  ws->opt = *o;
+  ws->max_message = o->max_message < UINT32_MAX ? (uint32_t)o->max_message : UINT32_MAX;
+  ws->ping_ms = o->ping_ms;
+  ws->max_rate = o->max_rate;
+  ws->envelope = o->envelope != 0;
+  ws->rate_drop = o->rate_drop != 0;
   ws->tokens = o->max_rate;
-  ws->refilled_ms = uv_now(&c->rt->loop);
+  ws->refilled_ms = (uint32_t)uv_now(&c->rt->loop);
   if (http_takeover(c, 101, headers, nheaders, &ws_proto, err) != 0) {
     free(ws);
     return -1;

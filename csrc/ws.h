@@ -30,6 +30,9 @@ typedef struct ws_options {
   int rate_drop;        /* over the rate: drop them (else close 1008) */
 } ws_options_t;
 
+/* Readies SHA-1 for the handshakes (once per process; herald.core's load). */
+void ws_init(void);
+
 /* Sec-WebSocket-Accept for a client's key: out needs 29 bytes. */
 int ws_accept_key(const char *key, size_t len, char out[29]);
 

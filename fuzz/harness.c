@@ -349,7 +349,7 @@ static void on_conn_closed(conn_t *c, void *ud) {
              "close status %d", code);
     FZ_CHECK(len <= 123 && utf8_valid(reason, len), "close reason of %zu bytes or not UTF-8", len);
   }
-  c->lua_handle = NULL;
+  conn_lua_handle(c) = NULL;
 }
 
 /* ---- the loop, the server, the client ---- */
@@ -376,11 +376,12 @@ void fz_setup(tls_config_t *tls) {
   FZ_CHECK(fz.rt, "oom");
   FZ_CHECK(uv_loop_init(&fz.rt->loop) == 0, "uv_loop_init");
   fz.rt->on_error_ref = -2;
-  /* as lua_core.c's runtime_new: the flush runs once per loop turn */
+  /* as lua_core.c's runtime_new: the flush runs once per loop turn; the conns' timeouts */
   uv_prepare_init(&fz.rt->loop, &fz.rt->flusher);
   fz.rt->flusher.data = fz.rt;
   uv_prepare_start(&fz.rt->flusher, on_flush);
   uv_unref((uv_handle_t *)&fz.rt->flusher);
+  conn_timeouts_init(fz.rt);
   server_limits_t limits = {
       .max_header_size = 16384,
       .max_body_size = 1048576,
@@ -489,7 +490,7 @@ conn_t *fz_open(void) {
   conn_t *c = fz.srv->conns;
   FZ_CHECK(c, "the server did not accept");
   FZ_CHECK(!c->next, "more than one conn");
-  c->lua_handle = &fz; /* as if Lua held it: server.c calls on_conn_closed when it goes */
+  conn_lua_handle(c) = &fz; /* as if Lua held it: server.c calls on_conn_closed when it goes */
   if (fz.small_buffers) {
     uv_os_fd_t sfd;
     int small = 4096;
@@ -542,9 +543,11 @@ int fz_feed_chunked(const void *data, size_t n, fz_chunker_t *ch) {
 
 void fz_fire_timer(void) {
   conn_t *c = fz_conn();
-  if (!c || c->closing || !uv_is_active((uv_handle_t *)&c->timer)) return;
-  /* conn.c's on_timer, due now: it runs in the next turn like any timer */
-  uv_timer_start(&c->timer, c->timer.timer_cb, 0, 0);
+  if (!c || c->closing || !c->tq) return;
+  /* conn.c's timeout, due now (the conn is alone in its list: one conn at a
+   * time): it runs in the next turn like any timer */
+  c->tq_due = (uint32_t)uv_now(&fz.rt->loop);
+  uv_timer_start(&fz.rt->timeouts.timer, fz.rt->timeouts.timer.timer_cb, 0, 0);
   fz_turn();
 }
 

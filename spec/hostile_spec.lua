@@ -292,6 +292,48 @@ describe("hostile input", function()
       assert_serves(app)
     end)
 
+    -- Every conn's timeout sits in one list per duration, under one timer
+    -- for the loop: lists of other lengths and a head that leaves its list
+    -- must not hold back (or bring forward) anyone else's.
+    it("timeouts of different lengths, on connections opened in turn, each come at their own time", function()
+      local fast = new_app { header_timeout = 0.2 }
+      local slow = new_app { header_timeout = 1.2, idle_timeout = 0.5 }
+      finally(function()
+        fast:close()
+        slow:close()
+      end)
+      local started = core.now()
+      local conns = { s1 = t.connect(slow), f1 = t.connect(fast), s2 = t.connect(slow), f2 = t.connect(fast) }
+      t.sleep(100)
+      -- s1, the head of the 1.2 s list, answers a request and idles for 0.5 s
+      conns.s1:send("GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+      local closed_at = {}
+      t.wait(function()
+        local open = 0
+        for name, c in pairs(conns) do
+          if c.closed then closed_at[name] = closed_at[name] or core.now() - started
+          else open = open + 1 end
+        end
+        return open == 0
+      end, 4, "every connection to time out")
+      local function within(name, from, to)
+        assert.is_true(closed_at[name] >= from and closed_at[name] < to,
+          ("%s closed after %d ms, not in [%d, %d)"):format(name, closed_at[name], from, to))
+      end
+      within("f1", 150, 600)
+      within("f2", 150, 600)
+      within("s1", 550, 1100)
+      within("s2", 1150, 2000)
+      for _, name in ipairs { "f1", "f2", "s2" } do
+        assert.equal(408, assert(t.parse_response(conns[name].buffer, nil, true)).status)
+      end
+      local res, rest = t.parse_response(conns.s1.buffer, nil, true)
+      assert.equal("pong", res.body)
+      assert.equal("", rest, "the idle close sent bytes")
+      assert_serves(fast)
+      assert_serves(slow)
+    end)
+
     it("idle_timeout does not cut off a response still being written to a slow reader", function()
       local app = new_app { idle_timeout = 0.3 }
       finally(function() app:close() end)

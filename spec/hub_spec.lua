@@ -623,6 +623,36 @@ describe("topic rules", function()
       assert.equal(streams[1], leaves[3][3])
     end)
 
+    -- A stream records only the topics it needs again at its end (those
+    -- with a leave callback); the hub knows the others.
+    it("topics with and without a leave rule: unsubscribe, subscribe again and the end", function()
+      local app = new_app()
+      local leaves, allowed = {}, 0
+      app:topic("l:*", { leave = function(topic) leaves[#leaves + 1] = topic end })
+      app:topic("plain", { allow = function() allowed = allowed + 1; return true end })
+      local streams = topics_endpoint(app)
+      local s = open(app, "/s?topics=l:1,plain,l:2")
+      local st = streams[1]
+      assert.equal(1, allowed)
+      assert.is_true(st:subscribe("plain")) -- already in: allow is not asked again
+      assert.equal(1, allowed)
+      assert.is_true(st:unsubscribe("plain"))
+      assert.is_false(st:unsubscribe("plain"))
+      assert.same({}, leaves)
+      assert.equal(0, app:subscribers("plain"))
+      assert.is_true(st:subscribe("plain"))
+      assert.equal(2, allowed)
+      assert.equal(1, app:subscribers("plain"))
+      assert.is_true(st:unsubscribe("l:1"))
+      assert.same({ "l:1" }, leaves)
+      assert.is_false(st:unsubscribe("l:1"))
+      s:close()
+      t.wait(function() return #leaves >= 2 end, 1, "the leave callbacks")
+      t.sleep(50)
+      assert.same({ "l:1", "l:2" }, leaves)
+      assert.equal(0, app:subscribers("plain"))
+    end)
+
     it("leave runs when the server closes the stream", function()
       local app = new_app()
       local left = {}

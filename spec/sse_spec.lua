@@ -134,6 +134,37 @@ describe("SSE response head", function()
     assert.equal(0, app:stats().streams)
   end)
 
+  -- An idle server holds many streams: each keeps only what is its own
+  -- (the route's callbacks and the app are its class's; the request went
+  -- when it started; topics without a leave rule are the hub's record).
+  it("a started stream holds only its conn, params and user", function()
+    local function room(app)
+      return recording_sse(app, "/rooms/:room", function(st, req)
+        assert(st:subscribe("room:" .. req.params.room))
+        st:replay()
+      end, { close = function() end })
+    end
+    local function fields(st)
+      local keys = {}
+      for k in pairs(st) do keys[#keys + 1] = k end
+      table.sort(keys)
+      return keys
+    end
+    local with_auth, anonymous = new_app(), new_app()
+    with_auth:auth(function(req) return req.query.user end)
+    local streams, anonymous_streams = room(with_auth), room(anonymous)
+    assert.equal(200, open(with_auth, "/rooms/kitchen?user=ann").status)
+    assert.equal(200, open(anonymous, "/rooms/hall").status)
+    assert.same({ "conn", "params", "user" }, fields(streams[1]))
+    assert.same({ "conn", "params" }, fields(anonymous_streams[1]))
+    assert.equal("ann", streams[1].user)
+    assert.equal("kitchen", streams[1].params.room)
+    assert.equal(with_auth, streams[1].app)
+    assert.is_nil(streams[1].req)
+    assert.is_true(streams[1]:alive())
+    assert.equal(1, with_auth:subscribers("room:kitchen"))
+  end)
+
   it("serves the stream at a route with parameters, which the stream sees", function()
     local app = new_app()
     local query_in_open

@@ -313,6 +313,8 @@ describe("tls", function()
       local _, answers = out:gsub("HTTP/1%.1 200 OK\r\n", "")
       assert.equal(17, answers)
       assert.equal("\r\n\r\npong", out:sub(-8)) -- then the server closed
+      -- the app's total of queued bytes counts plaintext until it is encrypted, then ciphertext
+      t.wait(function() return app:stats().queued_bytes == 0 end, 2, "nothing queued")
     end)
 
     it("streams SSE events as they are published; a shutdown ends the stream cleanly", function()

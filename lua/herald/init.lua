@@ -337,26 +337,26 @@ function app_methods:sse(path, open, opts)
   local o = options.check(sse_schema, rest, "sse", 2)
   o.cors = cors
   o.heartbeat = o.heartbeat or self.config.heartbeat
+  o.class = stream.class("sse", self, nil, o.close)
   return self:get(path, function(req, res) self:_open_sse(req, res, open, o) end)
 end
 
---- Opens a stream of kind "sse" or "ws" on req's connection: auth, then
--- open(stream, req), then start(stream) to answer and start it. open may
--- refuse with false, status, body (or, for WebSocket, ws:close()).
-function app_methods:_open(kind, req, res, open, close, start)
+--- Opens a stream of class (stream.class: the route's) on req's connection:
+-- auth, then open(stream, req), then start(stream) to answer and start it.
+-- open may refuse with false, status, body (or, for WebSocket, ws:close()).
+function app_methods:_open(class, req, res, open, start)
   local conn = res.conn
-  if self.server:stats().queued_bytes > self.config.max_total_queued then
+  if self.server:queued_bytes() > self.config.max_total_queued then
     return self:_fail(res, 503, "server busy: too much output waiting; try again soon\n")
   end
   local user = self:_authenticate(req, res, self.auth_fn)
   if user == nil then return end
   if user == true and not self.auth_fn then user = nil end
-  local s = stream.new(kind, self, conn, req, user)
+  local s = stream.new(class, conn, req, user)
   self.streams[conn] = s
-  s.opening = true
   local ok, refused, status, body = true, nil, nil, nil
   if open then ok, refused, status, body = self:_callback(open, s, req) end
-  s.opening = nil
+  stream.opened(s)
   local function abandon()
     self.hub:leave_all(conn)
     self.streams[conn] = nil
@@ -370,7 +370,7 @@ function app_methods:_open(kind, req, res, open, close, start)
     return plain(res, status, type(body) == "string" and body or "refused\n")
   end
   if not conn:alive() then return abandon() end
-  if close then s:on_close(close) end
+  stream.accepted(s)
   local ran, started, err = self:_callback(start, s)
   if not ran then
     abandon()
@@ -381,7 +381,7 @@ function app_methods:_open(kind, req, res, open, close, start)
     self:_log(("%s %s: stream failed to start: %s"):format(req.method, req.path, err), req)
     abandon()
   end
-  s.req = nil -- a stream may live for days: keep its params, not the whole request
+  stream.started(s) -- a stream may live for days: it keeps its params, not the whole request
 end
 
 local function sse_headers(req, o)
@@ -405,7 +405,7 @@ function app_methods:_open_sse(req, res, open, o)
     res:header("Cache-Control", "no-cache")
     return res:send()
   end
-  self:_open("sse", req, res, open, o.close, function(s)
+  self:_open(o.class, req, res, open, function(s)
     local last_id = req.headers["last-event-id"] or req.query.last_event_id or s.replay_from
     return s.conn:sse_start(headers, math.floor(o.heartbeat * 1000 + 0.5), o.retry, last_id)
   end)
@@ -446,6 +446,7 @@ function app_methods:ws(path, spec)
   o.origin = origin
   o.max_message = o.max_message or self.config.max_message
   o.ping_interval = o.ping_interval or self.config.ping_interval
+  o.class = stream.class("ws", self, o.message, o.close)
   return self:get(path, function(req, res) self:_open_ws(req, res, o) end)
 end
 
@@ -459,8 +460,7 @@ function app_methods:_open_ws(req, res, o)
   if not websocket.origin_allowed(o.origin, req.headers.origin) then
     return plain(res, 403, "origin not allowed\n")
   end
-  self:_open("ws", req, res, o.open, o.close, function(s)
-    s.message_fn = o.message
+  self:_open(o.class, req, res, o.open, function(s)
     local answer = { "Upgrade", "websocket", "Connection", "Upgrade", "Sec-WebSocket-Accept", accept }
     local protocol = websocket.choose_protocol(o.protocols, req.headers["sec-websocket-protocol"])
     if protocol then

@@ -11,6 +11,7 @@ end
 -- its first value, a key without "=" maps to "".
 function request.parse_query(qs)
   local query = {}
+  if qs == "" then return query end -- most requests: no gmatch state made
   for pair in qs:gmatch("[^&]+") do
     local k, v = pair:match("^([^=]*)=?(.*)$")
     k = unescape(k)

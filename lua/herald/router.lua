@@ -11,11 +11,17 @@ local function decode(segment)
   return (segment:gsub("%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end))
 end
 
---- Splits a path into its non-empty segments, percent-decoded.
+--- Splits a path into its non-empty segments, percent-decoded. (find, not
+-- gmatch: every request comes here, and a gmatch state is half a kilobyte)
 function router.segments(path)
-  local out = {}
-  for segment in path:gmatch("[^/]+") do out[#out + 1] = decode(segment) end
-  return out
+  local out, at = {}, 1
+  while true do
+    local first, last = path:find("[^/]+", at)
+    if not first then return out end
+    local segment = path:sub(first, last)
+    out[#out + 1] = segment:find("%", 1, true) and decode(segment) or segment
+    at = last + 1
+  end
 end
 
 local function new_node()

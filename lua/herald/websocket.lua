@@ -4,10 +4,17 @@ local core = require "herald.core"
 
 local websocket = {}
 
+-- (find, not gmatch: a handshake makes no garbage here; each gmatch's
+-- state is a userdata of half a kilobyte)
 local function has_token(list, token)
   if not list then return false end
-  for item in list:gmatch("[^,]+") do
-    if item:match("^%s*(.-)%s*$"):lower() == token then return true end
+  local at = 1
+  while at <= #list do
+    local comma = list:find(",", at, true) or #list + 1
+    local first, last = list:find("[^%s]", at) or comma, comma - 1 -- the item without its spaces
+    while last >= first and list:find("^%s", last) do last = last - 1 end
+    if last - first + 1 == #token and list:sub(first, last):lower() == token then return true end
+    at = comma + 1
   end
   return false
 end
