@@ -1,10 +1,12 @@
 /* loadgen: the load generator of herald's benchmarks (issue 6).
  *
- * Opens N WebSocket or SSE subscribers to a URL, publishes M messages of S
- * bytes through HTTP POSTs (or asks the server to publish them itself with
- * --trigger), and reports one JSON object on stdout: connections, deliveries,
- * loss, duplicates, reordering, throughput, latency, and, given the server's
- * pid, its CPU time, write syscalls and resident memory from /proc.
+ * Opens N WebSocket or SSE subscribers to a URL (or spread over several:
+ * the nodes of a cluster), publishes M messages of S bytes through HTTP POSTs
+ * (or asks the server to publish them itself with --trigger), and reports one
+ * JSON object on stdout: connections, deliveries, loss, duplicates,
+ * reordering, throughput, latency, and, given the server's pid (or the pids
+ * of every process of a cluster, Redis included), its CPU time, write
+ * syscalls and resident memory from /proc, summed and per process.
  *
  * Each payload starts with "%08x %016llx " (sequence number, CLOCK_MONOTONIC
  * ns when the POST was written), padded with 'x' to S bytes; the subscribers
@@ -47,6 +49,8 @@
 #define HEADER_LEN 26        /* "%08x %016llx " */
 #define HEAD_MAX 8192        /* an HTTP response head */
 #define READ_BUF (64 * 1024) /* shared by every connection */
+#define MAX_URLS 16          /* --sub URLs */
+#define MAX_PROCS 16         /* --server-pid processes */
 
 /* ---------------------------------------------------------------- options */
 
@@ -61,9 +65,10 @@ typedef struct {
 
 static struct {
   int mode;
-  const char *sub_s, *pub_s, *trigger_s;
-  url_t sub, pub;
-  long subscribers, messages, size, burst, pipeline, publishers, server_pid, sources, concurrency;
+  const char *sub_s[MAX_URLS], *pub_s, *trigger_s;
+  url_t sub[MAX_URLS], pub;
+  int nsub;
+  long subscribers, messages, size, burst, pipeline, publishers, sources, concurrency;
   double rate, connect_rate, idle, timeout, settle_ms, connect_timeout;
   int idle_set;
   const char *label;
@@ -75,7 +80,6 @@ static struct {
     .burst = 1,
     .pipeline = 0, /* 0: --burst */
     .publishers = 1,
-    .server_pid = 0,
     .sources = 1,
     .concurrency = 256,
     .rate = 0,
@@ -97,8 +101,9 @@ static void usage(const char *fmt, ...) {
     va_end(ap);
   }
   fputs(
-      "usage: loadgen --mode ws|sse --sub URL (--pub URL | --trigger URL) [options]\n"
-      "  URLs are http://host:port/path (ws mode sends the WebSocket handshake on --sub)\n"
+      "usage: loadgen --mode ws|sse --sub URL [--sub URL...] (--pub URL | --trigger URL) [options]\n"
+      "  URLs are http://host:port/path (ws mode sends the WebSocket handshake on --sub);\n"
+      "  with several --sub URLs (up to 16: a cluster's nodes) subscriber i goes to URL i mod n\n"
       "  --subscribers N     subscribers to open (1000)\n"
       "  --messages M        messages to publish (1000)\n"
       "  --size S            payload bytes, >= 32 (64)\n"
@@ -107,7 +112,9 @@ static void usage(const char *fmt, ...) {
       "  --pipeline W        POSTs awaiting an answer per publisher connection (--burst)\n"
       "  --publishers P      keep-alive publisher connections (1; >1 may reorder)\n"
       "  --trigger URL       POST once to URL?n=B&count=M&size=S (the server publishes); no --pub\n"
-      "  --server-pid PID    read the server's CPU, write syscalls and RSS from /proc\n"
+      "  --server-pid PID[:NAME]  read the server's CPU, write syscalls and RSS from /proc;\n"
+      "                      several times (up to 16) for a cluster's processes: summed, and\n"
+      "                      each apart (named NAME) in \"processes\"\n"
       "  --sources K         bind subscribers to 127.0.0.1..127.0.0.K (1)\n"
       "  --connect-rate C    new connections per second, 0 = as fast as possible (0)\n"
       "  --concurrency X     connections being established at once (256)\n"
@@ -172,6 +179,32 @@ static double real_arg(const char *name, const char *v, double min, double max) 
   return x;
 }
 
+/* The server's processes, sampled from /proc (--server-pid). */
+typedef struct {
+  long pid;
+  const char *name;
+  int have_before, have_after, have_io_before, have_io_after, have_sched_before, have_sched_after;
+  int have_rss_before, have_rss_after;
+  uint64_t ut0, st0, ut1, st1, io0, io1, sched0, sched1;
+  long rss_before, rss_after;
+} proc_t;
+
+static proc_t procs[MAX_PROCS];
+static int nprocs;
+
+static void add_proc(const char *v) { /* PID or PID:NAME */
+  if (nprocs == MAX_PROCS) usage("at most %d --server-pid", MAX_PROCS);
+  const char *colon = strchr(v, ':');
+  char num[24];
+  size_t n = colon ? (size_t)(colon - v) : strlen(v);
+  if (n >= sizeof num) usage("--server-pid wants PID or PID:NAME, got '%s'", v);
+  memcpy(num, v, n);
+  num[n] = 0;
+  procs[nprocs].pid = num_arg("--server-pid", num, 1, 0x7fffffff);
+  procs[nprocs].name = colon && colon[1] ? colon + 1 : "server";
+  nprocs++;
+}
+
 static void parse_args(int argc, char **argv) {
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
@@ -182,7 +215,10 @@ static void parse_args(int argc, char **argv) {
       if (!strcmp(v, "ws")) opt.mode = MODE_WS;
       else if (!strcmp(v, "sse")) opt.mode = MODE_SSE;
       else usage("--mode is ws or sse, got '%s'", v);
-    } else if (!strcmp(a, "--sub")) opt.sub_s = v;
+    } else if (!strcmp(a, "--sub")) {
+      if (opt.nsub == MAX_URLS) usage("at most %d --sub URLs", MAX_URLS);
+      opt.sub_s[opt.nsub++] = v;
+    }
     else if (!strcmp(a, "--pub")) opt.pub_s = v;
     else if (!strcmp(a, "--trigger")) opt.trigger_s = v;
     else if (!strcmp(a, "--subscribers")) opt.subscribers = num_arg(a, v, 1, 10000000);
@@ -192,7 +228,7 @@ static void parse_args(int argc, char **argv) {
     else if (!strcmp(a, "--burst")) opt.burst = num_arg(a, v, 1, 1000000);
     else if (!strcmp(a, "--pipeline")) opt.pipeline = num_arg(a, v, 1, 1000000);
     else if (!strcmp(a, "--publishers")) opt.publishers = num_arg(a, v, 1, 1000);
-    else if (!strcmp(a, "--server-pid")) opt.server_pid = num_arg(a, v, 1, 0x7fffffff);
+    else if (!strcmp(a, "--server-pid")) add_proc(v);
     else if (!strcmp(a, "--sources")) opt.sources = num_arg(a, v, 1, 254);
     else if (!strcmp(a, "--connect-rate")) opt.connect_rate = real_arg(a, v, 0, 1e9);
     else if (!strcmp(a, "--concurrency")) opt.concurrency = num_arg(a, v, 1, 10000000);
@@ -204,8 +240,9 @@ static void parse_args(int argc, char **argv) {
     else usage("unknown option %s", a);
   }
   if (opt.mode < 0) usage("--mode is required");
-  if (!opt.sub_s) usage("--sub is required");
-  if (parse_url(opt.sub_s, &opt.sub)) usage("bad --sub URL '%s' (http://host:port/path)", opt.sub_s);
+  if (!opt.nsub) usage("--sub is required");
+  for (int i = 0; i < opt.nsub; i++)
+    if (parse_url(opt.sub_s[i], &opt.sub[i])) usage("bad --sub URL '%s' (http://host:port/path)", opt.sub_s[i]);
   if (!opt.idle_set) {
     if (!opt.pub_s == !opt.trigger_s) usage("give --pub or --trigger (one of them)");
     const char *p = opt.pub_s ? opt.pub_s : opt.trigger_s;
@@ -290,23 +327,18 @@ static struct {
   uint64_t t_start, t_pub_start, t_connect_start, t_connected, t_first_post, t_last_delivery, t_last_answer, t_read;
   uint64_t delivered, unique, duplicated, out_of_order, malformed, protocol_errors, unexpected;
   uint64_t sent, released, answered, published_ok, publish_errors, unanswered;
-  int trigger_sent, trigger_answered, wait_done, timed_out, interrupted, pubs_pending;
+  int trigger_sent, trigger_answered, wait_done, timed_out, interrupted, pubs_pending, rss_sampled;
   uint64_t hist[HBUCKETS];
   uint64_t lat_max_us;
   double lat_sum_us;
   char first_error[200];
   /* request templates */
-  char *sub_req;
-  size_t sub_req_len, key_off; /* where the Sec-WebSocket-Key goes */
+  char *sub_req[MAX_URLS];                       /* per --sub URL */
+  size_t sub_req_len[MAX_URLS], key_off[MAX_URLS]; /* where the Sec-WebSocket-Key goes */
   char *post_tmpl; /* POST head + payload template */
   size_t post_head_len, post_len;
   uv_timer_t t_progress, t_timeout, t_connect, t_wait, t_pub, t_check;
   uv_signal_t sigint, sigterm;
-  /* server samples */
-  int have_before, have_rss_before, have_rss_after, have_io_before, have_sched_before;
-  uint64_t ut0, st0, ut1, st1, io0, io1, sched0, sched1;
-  long rss_before, rss_after;
-  int have_after, have_io_after, have_sched_after;
 } g;
 
 static char rbuf[READ_BUF];
@@ -375,23 +407,39 @@ static int proc_sched_ns(long pid, uint64_t *out) { /* the main thread's time on
 }
 
 static void sample_before(void) {
-  if (!opt.server_pid) return;
-  g.have_before = proc_cpu(opt.server_pid, &g.ut0, &g.st0) == 0;
-  g.have_io_before = proc_field(opt.server_pid, "io", "syscw:", &g.io0) == 0;
-  g.have_sched_before = proc_sched_ns(opt.server_pid, &g.sched0) == 0;
+  for (int i = 0; i < nprocs; i++) {
+    proc_t *p = &procs[i];
+    p->have_before = proc_cpu(p->pid, &p->ut0, &p->st0) == 0;
+    p->have_io_before = proc_field(p->pid, "io", "syscw:", &p->io0) == 0;
+    p->have_sched_before = proc_sched_ns(p->pid, &p->sched0) == 0;
+  }
 }
 
 static void sample_after(void) {
-  if (!opt.server_pid || !g.have_before) return;
-  g.have_after = proc_cpu(opt.server_pid, &g.ut1, &g.st1) == 0;
-  g.have_io_after = proc_field(opt.server_pid, "io", "syscw:", &g.io1) == 0;
-  g.have_sched_after = proc_sched_ns(opt.server_pid, &g.sched1) == 0;
+  for (int i = 0; i < nprocs; i++) {
+    proc_t *p = &procs[i];
+    if (!p->have_before) continue;
+    p->have_after = proc_cpu(p->pid, &p->ut1, &p->st1) == 0;
+    p->have_io_after = proc_field(p->pid, "io", "syscw:", &p->io1) == 0;
+    p->have_sched_after = proc_sched_ns(p->pid, &p->sched1) == 0;
+  }
+}
+
+static void sample_rss_before(void) {
+  for (int i = 0; i < nprocs; i++) {
+    proc_t *p = &procs[i];
+    p->rss_before = proc_rss_kib(p->pid);
+    p->have_rss_before = p->rss_before >= 0;
+    if (!p->have_rss_before) fprintf(stderr, "loadgen: warning: cannot read /proc/%ld/status\n", p->pid);
+  }
 }
 
 static void sample_rss_after(void) {
-  if (!opt.server_pid) return;
-  g.rss_after = proc_rss_kib(opt.server_pid);
-  g.have_rss_after = g.rss_after >= 0;
+  for (int i = 0; i < nprocs; i++) {
+    proc_t *p = &procs[i];
+    p->rss_after = proc_rss_kib(p->pid);
+    p->have_rss_after = p->rss_after >= 0;
+  }
 }
 
 /* ----------------------------------------------------------------- report */
@@ -444,6 +492,35 @@ static void json_num_or_null(const char *name, int ok, double v, const char *fmt
   else fputs("null", stdout);
 }
 
+/* A process's (or the sum's) figures, as an unclosed JSON object. */
+static void print_proc(const proc_t *p, int named) {
+  double tck = (double)sysconf(_SC_CLK_TCK);
+  double d = (double)g.delivered;
+  int cpu = p->have_before && p->have_after && g.delivered > 0;
+  double ut = cpu ? (double)(p->ut1 - p->ut0) * 1e6 / tck : 0;
+  double st = cpu ? (double)(p->st1 - p->st0) * 1e6 / tck : 0;
+  int io = p->have_io_before && p->have_io_after && g.delivered > 0;
+  int sched = p->have_sched_before && p->have_sched_after && g.delivered > 0;
+  int rss = p->have_rss_before && p->have_rss_after && g.connected > 0;
+  printf("{\"pid\":%ld", p->pid);
+  if (named) {
+    printf(",\"name\":");
+    json_str(p->name);
+  }
+  json_num_or_null("cpu_user_us_per_msg", cpu, ut / d, "%.4f");
+  json_num_or_null("cpu_sys_us_per_msg", cpu, st / d, "%.4f");
+  json_num_or_null("cpu_total_us_per_msg", cpu, (ut + st) / d, "%.4f");
+  json_num_or_null("cpu_sched_us_per_msg", sched, (double)(p->sched1 - p->sched0) / 1e3 / d, "%.4f");
+  json_num_or_null("writes_per_msg", io, (double)(p->io1 - p->io0) / d, "%.4f");
+  json_num_or_null("cpu_user_s", cpu, ut / 1e6, "%.3f");
+  json_num_or_null("cpu_sys_s", cpu, st / 1e6, "%.3f");
+  json_num_or_null("write_syscalls", io, (double)(p->io1 - p->io0), "%.0f");
+  json_num_or_null("rss_kib_per_conn", rss, ((double)p->rss_after - (double)p->rss_before) / (double)g.connected,
+                   "%.3f");
+  json_num_or_null("rss_kib_before", p->have_rss_before, (double)p->rss_before, "%.0f");
+  json_num_or_null("rss_kib_after", p->have_rss_after, (double)p->rss_after, "%.0f");
+}
+
 static void report_and_exit(int code, const char *error) {
   uint64_t t_end = now_ns();
   const char *modes[] = {"ws", "sse"};
@@ -485,31 +562,31 @@ static void report_and_exit(int code, const char *error) {
   printf("}");
 
   printf(",\"server\":");
-  if (!opt.server_pid) {
+  if (!nprocs) {
     printf("null");
   } else {
-    double tck = (double)sysconf(_SC_CLK_TCK);
-    double d = (double)g.delivered;
-    int cpu = g.have_before && g.have_after && g.delivered > 0;
-    double ut = cpu ? (double)(g.ut1 - g.ut0) * 1e6 / tck : 0;
-    double st = cpu ? (double)(g.st1 - g.st0) * 1e6 / tck : 0;
-    int io = g.have_io_before && g.have_io_after && g.delivered > 0;
-    int sched = g.have_sched_before && g.have_sched_after && g.delivered > 0;
-    int rss = g.have_rss_before && g.have_rss_after && g.connected > 0;
-    printf("{\"pid\":%ld", opt.server_pid);
-    json_num_or_null("cpu_user_us_per_msg", cpu, ut / d, "%.4f");
-    json_num_or_null("cpu_sys_us_per_msg", cpu, st / d, "%.4f");
-    json_num_or_null("cpu_total_us_per_msg", cpu, (ut + st) / d, "%.4f");
-    json_num_or_null("cpu_sched_us_per_msg", sched, (double)(g.sched1 - g.sched0) / 1e3 / d, "%.4f");
-    json_num_or_null("writes_per_msg", io, (double)(g.io1 - g.io0) / d, "%.4f");
-    json_num_or_null("cpu_user_s", cpu, ut / 1e6, "%.3f");
-    json_num_or_null("cpu_sys_s", cpu, st / 1e6, "%.3f");
-    json_num_or_null("write_syscalls", io, (double)(g.io1 - g.io0), "%.0f");
-    json_num_or_null("rss_kib_per_conn", rss, (double)(g.rss_after - g.rss_before) / (double)g.connected,
-                     "%.3f");
-    json_num_or_null("rss_kib_before", g.have_rss_before, (double)g.rss_before, "%.0f");
-    json_num_or_null("rss_kib_after", g.have_rss_after, (double)g.rss_after, "%.0f");
-    printf("}");
+    /* the sum over every process (one unless a cluster), then each apart */
+    proc_t sum = {.pid = procs[0].pid, .name = "all"};
+    sum.have_before = sum.have_after = sum.have_io_before = sum.have_io_after = 1;
+    sum.have_sched_before = sum.have_sched_after = sum.have_rss_before = sum.have_rss_after = 1;
+    for (int i = 0; i < nprocs; i++) {
+      proc_t *p = &procs[i];
+      sum.have_before &= p->have_before, sum.have_after &= p->have_after;
+      sum.have_io_before &= p->have_io_before, sum.have_io_after &= p->have_io_after;
+      sum.have_sched_before &= p->have_sched_before, sum.have_sched_after &= p->have_sched_after;
+      sum.have_rss_before &= p->have_rss_before, sum.have_rss_after &= p->have_rss_after;
+      sum.ut0 += p->ut0, sum.st0 += p->st0, sum.ut1 += p->ut1, sum.st1 += p->st1;
+      sum.io0 += p->io0, sum.io1 += p->io1, sum.sched0 += p->sched0, sum.sched1 += p->sched1;
+      sum.rss_before += p->rss_before, sum.rss_after += p->rss_after;
+    }
+    print_proc(&sum, 0);
+    printf(",\"processes\":[");
+    for (int i = 0; i < nprocs; i++) {
+      if (i) putchar(',');
+      print_proc(&procs[i], 1);
+      printf("}");
+    }
+    printf("]}");
   }
   printf(",\"loadgen_cpu_s\":%.3f,\"loadgen_cpu_user_s\":%.3f,\"loadgen_cpu_sys_s\":%.3f", lg_user + lg_sys,
          lg_user, lg_sys);
@@ -537,7 +614,7 @@ static void finish(void) {
   int published = g.phase == PH_PUBLISH;
   g.phase = PH_DONE;
   if (published) sample_after();
-  if (opt.idle_set || !g.have_rss_after) sample_rss_after();
+  if (opt.idle_set || !g.rss_sampled) sample_rss_after();
   report_and_exit(0, NULL);
 }
 
@@ -1035,15 +1112,16 @@ static void on_sub_connect(uv_connect_t *req, int status) {
   s->head_len = 0;
   int rc = uv_read_start((uv_stream_t *)&s->tcp, on_alloc, on_sub_read);
   if (rc) return sub_fail(s, uv_strerror(rc));
-  wbuf_t *w = wbuf_new(g.sub_req_len);
-  memcpy(w->data, g.sub_req, g.sub_req_len);
+  int u = (int)(s->index % (uint32_t)opt.nsub);
+  wbuf_t *w = wbuf_new(g.sub_req_len[u]);
+  memcpy(w->data, g.sub_req[u], g.sub_req_len[u]);
   if (opt.mode == MODE_WS) { /* a fresh Sec-WebSocket-Key in the template's placeholder */
     uint8_t key[16];
     uint64_t a = rnd(), b = rnd();
     memcpy(key, &a, 8), memcpy(key + 8, &b, 8);
     char k64[25];
     base64_16(key, k64);
-    memcpy(w->data + g.key_off, k64, 24);
+    memcpy(w->data + g.key_off[u], k64, 24);
   }
   rc = wbuf_send((uv_stream_t *)&s->tcp, w);
   if (rc) sub_fail(s, uv_strerror(rc));
@@ -1082,7 +1160,8 @@ static void sub_start(sub_t *s) {
   uv_connect_t *req = malloc(sizeof *req);
   if (!req) return sub_fail(s, "out of memory");
   req->data = s;
-  rc = uv_tcp_connect(req, &s->tcp, (const struct sockaddr *)&opt.sub.addr, on_sub_connect);
+  const url_t *url = &opt.sub[s->index % (uint32_t)opt.nsub];
+  rc = uv_tcp_connect(req, &s->tcp, (const struct sockaddr *)&url->addr, on_sub_connect);
   if (rc) {
     free(req);
     sub_fail(s, uv_strerror(rc));
@@ -1360,6 +1439,7 @@ static void connect_done(void) {
     report_and_exit(1, "no subscriber could connect");
   }
   sample_rss_after();
+  g.rss_sampled = 1;
   if (opt.idle_set) {
     g.phase = PH_IDLE;
     uv_timer_start(&g.t_wait, on_wait, (uint64_t)(opt.idle * 1000), 0);
@@ -1398,24 +1478,31 @@ static void on_signal(uv_signal_t *h, int sig) {
 
 static void build_templates(void) {
   char hostport[300];
-  snprintf(hostport, sizeof hostport, "%s:%d", opt.sub.host, opt.sub.port);
-  size_t cap = strlen(opt.sub.path) + 512;
-  g.sub_req = malloc(cap);
-  if (opt.mode == MODE_WS) {
-    g.sub_req_len = (size_t)snprintf(g.sub_req, cap,
-                                     "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                                     "Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                                     opt.sub.path, hostport);
-    g.key_off = (size_t)(strstr(g.sub_req, "AAAAAAAAAAAAAAAAAAAAAA==") - g.sub_req);
-  } else {
-    g.sub_req_len = (size_t)snprintf(g.sub_req, cap,
-                                     "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n"
-                                     "Cache-Control: no-cache\r\n\r\n",
-                                     opt.sub.path, hostport);
+  for (int u = 0; u < opt.nsub; u++) {
+    const url_t *url = &opt.sub[u];
+    snprintf(hostport, sizeof hostport, "%s:%d", url->host, url->port);
+    size_t cap = strlen(url->path) + 512;
+    char *req = g.sub_req[u] = malloc(cap);
+    if (!req) {
+      fputs("loadgen: out of memory\n", stderr);
+      exit(1);
+    }
+    if (opt.mode == MODE_WS) {
+      g.sub_req_len[u] = (size_t)snprintf(req, cap,
+                                          "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                          "Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                                          url->path, hostport);
+      g.key_off[u] = (size_t)(strstr(req, "AAAAAAAAAAAAAAAAAAAAAA==") - req);
+    } else {
+      g.sub_req_len[u] = (size_t)snprintf(req, cap,
+                                          "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n"
+                                          "Cache-Control: no-cache\r\n\r\n",
+                                          url->path, hostport);
+    }
   }
   if (opt.idle_set) return;
   snprintf(hostport, sizeof hostport, "%s:%d", opt.pub.host, opt.pub.port);
-  cap = strlen(opt.pub.path) + 512 + (size_t)opt.size;
+  size_t cap = strlen(opt.pub.path) + 512 + (size_t)opt.size;
   g.post_tmpl = malloc(cap);
   if (opt.trigger_s) {
     g.post_len = (size_t)snprintf(g.post_tmpl, cap,
@@ -1473,14 +1560,11 @@ int main(int argc, char **argv) {
   uv_signal_start(&g.sigint, on_signal, SIGINT);
   uv_signal_start(&g.sigterm, on_signal, SIGTERM);
 
-  if (opt.server_pid) {
-    g.rss_before = proc_rss_kib(opt.server_pid);
-    g.have_rss_before = g.rss_before >= 0;
-    if (!g.have_rss_before) fprintf(stderr, "loadgen: warning: cannot read /proc/%ld/status\n", opt.server_pid);
-  }
+  sample_rss_before();
   g.t_start = g.t_connect_start = now_ns();
-  fprintf(stderr, "loadgen: %s: connecting %ld %s subscribers to %s\n", opt.label[0] ? opt.label : "run",
-          opt.subscribers, opt.mode == MODE_WS ? "WebSocket" : "SSE", opt.sub_s);
+  fprintf(stderr, "loadgen: %s: connecting %ld %s subscribers to %s%s\n", opt.label[0] ? opt.label : "run",
+          opt.subscribers, opt.mode == MODE_WS ? "WebSocket" : "SSE", opt.sub_s[0],
+          opt.nsub > 1 ? " and other URLs" : "");
   uv_timer_start(&g.t_progress, on_progress, 1000, 1000);
   uv_timer_start(&g.t_timeout, on_timeout, (uint64_t)(opt.timeout * 1000), 0);
   uv_timer_start(&g.t_connect, on_connect_timer, opt.connect_rate > 0 ? 1 : 100, opt.connect_rate > 0 ? 1 : 100);

@@ -12,7 +12,9 @@
 -- No history (nchan stores nothing either), no heartbeats or pings (they
 -- would be extra writes), max_queued large enough that no subscriber is
 -- closed as slow. PORT (default 8080) and HOST (default 127.0.0.1) from the
--- environment, as the examples.
+-- environment, as the examples; BROKER=redis://host:port/db makes it a node of
+-- a cluster sharing topics through that Redis (the two-node scenarios: publish
+-- on one node, subscribers on both).
 --
 --   LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="build/release/?.so;;" lua5.4 bench/server.lua
 local herald = require "herald"
@@ -24,6 +26,9 @@ local core = require "herald.core"
 -- README's "Memory per connection" for what it costs.
 collectgarbage("incremental", 120)
 
+local broker = os.getenv("BROKER")
+if broker == "" then broker = nil end
+
 local app = herald.new {
   max_connections = 200000,
   max_queued = 16 * 1024 * 1024,
@@ -32,6 +37,7 @@ local app = herald.new {
   heartbeat = 0,
   history = 0,
   idle_timeout = 300,
+  broker = broker and { redis = broker } or nil,
 }
 app:topic("*", { history = 0 })
 
@@ -78,6 +84,6 @@ end)
 
 local host = os.getenv("HOST") or "127.0.0.1"
 local port = assert(app:listen { host = host, port = tonumber(os.getenv("PORT") or "8080"), backlog = 4096 })
-print(("herald bench: http://%s:%d/"):format(host, port))
+print(("herald bench: http://%s:%d/%s"):format(host, port, broker and " (broker " .. broker .. ")" or ""))
 io.stdout:flush()
 herald.run()

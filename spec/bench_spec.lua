@@ -1,6 +1,7 @@
 -- The benchmark harness, run for real in its quick mode: `make bench QUICK=1`
 -- installs nginx+nchan if missing, builds the release and loadgen, runs every
--- scenario against herald and nginx+nchan with small N, and writes
+-- scenario against herald and nginx+nchan with small N (the two-node ones
+-- also as two nodes of each sharing a redis-server), and writes
 -- build/bench/quick.json and its report. A benchmark is not a test: this
 -- asserts only that every run completed cleanly on both servers and that the
 -- results have every field, not any figure.
@@ -32,8 +33,11 @@ local function exists(path)
   return os.execute("test -e " .. quote(path)) == true
 end
 
-local SCENARIOS = { "s100", "a", "s3000", "b", "b5", "c", "d", "f1k", "f16k", "g" }
+local SCENARIOS = { "s100", "a", "s3000", "b", "b5", "c", "d", "f1k", "f16k", "g", "r", "r5", "rc" }
 local SERVERS = { "herald", "nchan" }
+-- the two-node scenarios: each server alone, and two nodes and Redis
+local CLUSTER_SCENARIOS = { r = true, r5 = true, rc = true }
+local CLUSTER = { "herald", "nchan", "herald-redis", "nchan-redis" }
 
 -- What every loadgen line holds.
 local FIELDS = { "label", "mode", "subscribers", "connected", "failed", "connect_seconds", "messages", "size",
@@ -44,7 +48,8 @@ local SERVER = { "cpu_user_us_per_msg", "cpu_sys_us_per_msg", "cpu_total_us_per_
   "rss_kib_per_conn", "rss_kib_before", "rss_kib_after" }
 
 describe("make bench QUICK=1", function()
-  it("runs every scenario on herald and nginx+nchan: all delivered once, in order, nothing left running", function()
+  it("runs every scenario on herald and nginx+nchan (two-node ones also on Redis): all delivered once, in order, " ..
+    "nothing left running", function()
     local results = "build/bench/quick.json"
     os.remove(results)
     local started = os.time()
@@ -76,7 +81,7 @@ describe("make bench QUICK=1", function()
     f:close()
     assert.is_true(data.meta.quick)
     assert.equal(0, data.meta.failed_runs)
-    for _, key in ipairs { "date", "command", "cpu", "cores", "kernel", "herald_commit", "nginx", "nchan" } do
+    for _, key in ipairs { "date", "command", "cpu", "cores", "kernel", "herald_commit", "nginx", "nchan", "redis" } do
       assert(data.meta[key] ~= nil, "meta has no " .. key)
     end
 
@@ -106,9 +111,22 @@ describe("make bench QUICK=1", function()
       else
         assert(type(res.server.rss_kib_per_conn) == "number", name .. ": no memory per connection")
       end
+      -- every process measured apart: the server alone, or both nodes and Redis
+      local names = {}
+      for _, p in ipairs(res.server.processes) do
+        names[#names + 1] = p.name
+        if res.messages > 0 then
+          assert(type(p.cpu_total_us_per_msg) == "number", name .. ": no CPU per message for " .. p.name)
+        end
+      end
+      table.sort(names)
+      local want = r.server:match("%-redis$") and "node-a node-b redis" or "server"
+      assert.equal(want, table.concat(names, " "), name .. ": processes")
     end
     for _, s in ipairs(SCENARIOS) do
-      for _, server in ipairs(SERVERS) do assert(seen[s .. "/" .. server], "no run " .. s .. "/" .. server) end
+      for _, server in ipairs(CLUSTER_SCENARIOS[s] and CLUSTER or SERVERS) do
+        assert(seen[s .. "/" .. server], "no run " .. s .. "/" .. server)
+      end
     end
 
     -- the report of a quick run goes to build/bench/, never over the committed one
