@@ -11,6 +11,7 @@
 #include "conn.h"
 #include "lua_bind.h"
 #include "server.h"
+#include "ws.h"
 
 #define RUNTIME_MT "herald.runtime"
 #define TIMER_MT "herald.timer"
@@ -352,6 +353,7 @@ static int runtime_gc(lua_State *L) {
   uv_run(&rt->loop, UV_RUN_DEFAULT);
   uv_loop_close(&rt->loop);
   conn_timeouts_free(rt);
+  ws_sha1_free(rt->sha1);
   return 0;
 }
 

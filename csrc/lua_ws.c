@@ -26,7 +26,7 @@ static int core_ws_accept(lua_State *L) {
   size_t len;
   const char *key = luaL_checklstring(L, 1, &len);
   char out[29];
-  if (ws_accept_key(key, len, out) != 0) return luaL_error(L, "ws_accept: SHA-1 failed");
+  if (ws_accept_key(bind_runtime(L)->sha1, key, len, out) != 0) return luaL_error(L, "ws_accept: SHA-1 failed");
   lua_pushstring(L, out);
   return 1;
 }
@@ -84,7 +84,8 @@ void bind_ws_open(lua_State *L, int runtime_idx) {
   lua_pushvalue(L, runtime_idx);
   luaL_setfuncs(L, conn_methods, 1);
   lua_pop(L, 1);
-  lua_pushcfunction(L, core_ws_accept);
+  ((runtime_t *)lua_touserdata(L, runtime_idx))->sha1 = ws_sha1_new();
+  lua_pushvalue(L, runtime_idx);
+  lua_pushcclosure(L, core_ws_accept, 1);
   lua_setfield(L, -2, "ws_accept");
-  ws_init();
 }

@@ -61,6 +61,7 @@ typedef struct runtime {
   void *lua;              /* lua_State of the thread currently running the loop */
   runtime_fork_hook_t *fork_hooks;
   int on_error_ref;       /* Lua logger for errors raised in callbacks */
+  void *sha1;             /* SHA-1 for WebSocket handshakes (ws_sha1_new) */
   /* herald.run { workers = N } (lua_workers.c): this process's worker number,
    * 1 when it serves alone, 0 in the master; the master's pid in a worker. */
   int worker_index, worker_count, master_pid;

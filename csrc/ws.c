@@ -55,26 +55,18 @@ struct ws_conn {
       heard : 1, ping_due : 1, close_sent : 1, close_received : 1; /* keepalive and close */
 };
 
-/* SHA-1, fetched once for the process: EVP_sha1() makes OpenSSL 3 look it up
- * (under a lock) at every handshake, and its first use loads the default
- * provider, 2 MB of libcrypto's pages, which ws_init does at load instead
- * of under the first client. Never freed: the process keeps it. */
-static uv_once_t sha1_once = UV_ONCE_INIT;
-static EVP_MD *sha1;
-
-static void fetch_sha1(void) {
-  sha1 = EVP_MD_fetch(NULL, "SHA1", NULL);
+void *ws_sha1_new(void) {
+  return EVP_MD_fetch(NULL, "SHA1", NULL);
 }
 
-void ws_init(void) {
-  uv_once(&sha1_once, fetch_sha1);
+void ws_sha1_free(void *sha1) {
+  EVP_MD_free(sha1);
 }
 
-int ws_accept_key(const char *key, size_t len, char out[29]) {
+int ws_accept_key(const void *sha1, const char *key, size_t len, char out[29]) {
   static const char guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int dlen = 0;
-  ws_init();
   EVP_MD_CTX *md = EVP_MD_CTX_new();
   int ok = md && EVP_DigestInit_ex(md, sha1 ? sha1 : EVP_sha1(), NULL) && EVP_DigestUpdate(md, key, len) &&
            EVP_DigestUpdate(md, guid, sizeof guid - 1) && EVP_DigestFinal_ex(md, digest, &dlen);

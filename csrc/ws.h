@@ -30,11 +30,17 @@ typedef struct ws_options {
   int rate_drop;        /* over the rate: drop them (else close 1008) */
 } ws_options_t;
 
-/* Readies SHA-1 for the handshakes (once per process; herald.core's load). */
-void ws_init(void);
+/* SHA-1 for the handshakes, fetched once (per runtime, at herald.core's
+ * load): EVP_sha1() makes OpenSSL 3 look it up under a lock at every
+ * handshake, and its first use loads the default provider, 2 MB of
+ * libcrypto's pages, which then happens at start, not under the first client.
+ * NULL on failure (ws_accept_key then uses EVP_sha1()). */
+void *ws_sha1_new(void);
+void ws_sha1_free(void *sha1);
 
-/* Sec-WebSocket-Accept for a client's key: out needs 29 bytes. */
-int ws_accept_key(const char *key, size_t len, char out[29]);
+/* Sec-WebSocket-Accept for a client's key (sha1: ws_sha1_new's, or NULL):
+ * out needs 29 bytes. */
+int ws_accept_key(const void *sha1, const char *key, size_t len, char out[29]);
 
 /* Answers the waiting request 101 with headers (Upgrade, Connection,
  * Sec-WebSocket-Accept, ...), then what the conn missed since last_id and

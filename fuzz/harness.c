@@ -175,7 +175,7 @@ static void do_ws(conn_t *c, const http_request_t *req) {
   const char *key = header(req, "sec-websocket-key");
   if (!key) key = "dGhlIHNhbXBsZSBub25jZQ==";
   char accept[29];
-  FZ_CHECK(ws_accept_key(key, strlen(key), accept) == 0, "ws_accept_key");
+  FZ_CHECK(ws_accept_key(NULL, key, strlen(key), accept) == 0, "ws_accept_key");
   FZ_CHECK(strlen(accept) == 28, "accept key length");
   http_header_t h[] = {{"Upgrade", "websocket", 7, 9},
                        {"Connection", "Upgrade", 10, 7},

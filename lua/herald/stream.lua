@@ -10,10 +10,10 @@ local ws_methods = setmetatable({}, { __index = stream_methods })
 -- A stream lives as long as its connection, and an idle server holds many,
 -- so each holds only what is its own: conn, params, user and its topics, at
 -- most 4 fields (a table of 4 slots; 2 for a stream without user or
--- recorded topics). What the streams of one route share
--- is in its class (app, message and close callbacks, methods); what only
--- opening needs (the request, the opening flag, ws:close's refusal,
--- stream:replay's id) is in `pending` until the stream has started.
+-- recorded topics). What the streams of one route share is in its class
+-- (app, message and close callbacks, methods); what only opening needs (the
+-- request, the opening flag, ws:close's refusal, stream:replay's id) is in
+-- `pending` until the stream has started.
 local pending = setmetatable({}, { __mode = "k" }) -- stream -> { req, opening, refused, replay_from, accepted }
 
 --- The metatable of a route's streams: kind "sse" or "ws", the app, and the
