@@ -135,6 +135,21 @@ describe("broker (Redis)", function()
     assert.is_nil(resumed:next(0.2))
   end)
 
+  it("a node that drains sends its clients elsewhere; they resume on another node without loss", function()
+    local a, b, sse, first = subscribed_pair()
+    a:close() -- as SIGTERM does under herald.run: stop accepting, tell streams to come back
+    local retry = sse:next(3)
+    t.wait(function() return sse:closed() end, 3, "the drained stream's end")
+    assert.is_nil(retry, "no message, only the retry field")
+    assert.equal(1000, sse.retry)
+    local missed = {}
+    for i = 1, 3 do missed[i] = publish(b, "news", "meanwhile " .. i) end
+    local resumed = t.sse(b, "/events?topic=news", { last_event_id = first })
+    local got = resumed:take(3, 3)
+    for i = 1, 3 do assert.same({ missed[i], "meanwhile " .. i }, { got[i].id, got[i].data }) end
+    assert.is_nil(resumed:next(0.2))
+  end)
+
   it("a resume past what history keeps gets a gap event, then what is left", function()
     local a, b = new_node(), new_node()
     local sse = t.sse(a, "/events?topic=short/1")
