@@ -13,13 +13,59 @@
 #define LINGER_MS 2000
 #define MAX_WRITE_BATCH 128 /* below 256: conn_t.out_inflight has 8 bits */
 
+/* A loop turn writes every reply, then deliveries, oldest first, for this
+ * long at most. A fan-out to many thousand conns goes in slices with the
+ * loop's I/O between them: a request, a ping or a new connection waits a
+ * slice, not the whole fan-out, and what is published meanwhile joins the
+ * queues of the conns still waiting, to leave in the same write. */
+#define DELIVERY_SLICE_NS 1000000
+/* A conn is written at once, inside the publish, when a write's worth
+ * waits (bytes, or MAX_WRITE_BATCH chunks), or when it has waited since an
+ * earlier turn and this many chunks are queued: a publisher that outruns
+ * the fan-out meets the writes in its own publishes, and a message's
+ * latency stays about one fan-out's, at a few messages per write. A burst
+ * published in one turn still leaves in one write. */
+#define DELIVERY_WRITE_BYTES 65536
+#define DELIVERY_BACKLOG 4
+
+enum { NOT_DIRTY, DIRTY_REPLY, DIRTY_DELIVERY };
+
+static conn_list_t *dirty_list(conn_t *c) {
+  return c->dirty == DIRTY_DELIVERY ? &c->rt->deliveries : &c->rt->replies;
+}
+
 static void unlink_dirty(conn_t *c) {
   if (!c->dirty) return;
+  conn_list_t *l = dirty_list(c);
   if (c->prev_dirty) c->prev_dirty->next_dirty = c->next_dirty;
-  else c->rt->dirty = c->next_dirty;
+  else l->head = c->next_dirty;
   if (c->next_dirty) c->next_dirty->prev_dirty = c->prev_dirty;
+  else l->tail = c->prev_dirty;
   c->prev_dirty = c->next_dirty = NULL;
-  c->dirty = 0;
+  c->dirty = NOT_DIRTY;
+}
+
+static void link_dirty(conn_t *c, unsigned which) {
+  c->dirty = which;
+  conn_list_t *l = dirty_list(c);
+  c->prev_dirty = l->tail;
+  c->next_dirty = NULL;
+  if (l->tail) l->tail->next_dirty = c;
+  else l->head = c;
+  l->tail = c;
+}
+
+/* A reply takes the conn's deliveries along with it. */
+void conn_mark_dirty(conn_t *c) {
+  if (c->dirty == DIRTY_REPLY) return;
+  unlink_dirty(c);
+  link_dirty(c, DIRTY_REPLY);
+}
+
+static void mark_delivery(conn_t *c) {
+  if (c->dirty) return;
+  c->delivery_turn = c->rt->turn;
+  link_dirty(c, DIRTY_DELIVERY);
 }
 
 static void free_conn(conn_t *c) {
@@ -142,7 +188,7 @@ static void tq_unlink(conn_t *c) {
 static int tq_find(conn_timeouts_t *to, uint32_t ms) {
   for (unsigned i = 0; i < to->nqueues; i++)
     if (to->queues[i].ms == ms) return (int)i;
-  if (to->nqueues == (1u << 13) - 1) return -1; /* conn_t.tq's 13 bits */
+  if (to->nqueues == (1u << 12) - 1) return -1; /* conn_t.tq's 12 bits */
   if (to->nqueues == to->cap) {
     unsigned cap = to->cap ? to->cap * 2 : 8;
     conn_tq_t *q = realloc(to->queues, cap * sizeof *q);
@@ -227,17 +273,8 @@ void conn_timeouts_free(runtime_t *rt) {
   rt->timeouts.nqueues = rt->timeouts.cap = 0;
 }
 
-void conn_mark_dirty(conn_t *c) {
-  if (c->dirty) return;
-  c->dirty = 1;
-  c->prev_dirty = NULL;
-  c->next_dirty = c->rt->dirty;
-  if (c->next_dirty) c->next_dirty->prev_dirty = c;
-  c->rt->dirty = c;
-}
-
-int conn_send(conn_t *c, hbuf_t *b) {
-  if (c->closing || c->shut) return -1;
+static int enqueue(conn_t *c, hbuf_t *b) {
+  if (c->closing || c->shut || b->len > UINT32_MAX) return -1;
   if (c->out_len == c->out_cap) {
     if (c->out_head > 0 && !c->writing) {
       memmove(c->outq, c->outq + c->out_head, (c->out_len - c->out_head) * sizeof *c->outq);
@@ -256,7 +293,32 @@ int conn_send(conn_t *c, hbuf_t *b) {
   c->outq[c->out_len++].buf = hbuf_ref(b);
   c->queued_bytes += b->len;
   c->server->queued_bytes += b->len;
+  return 0;
+}
+
+int conn_send(conn_t *c, hbuf_t *b) {
+  if (enqueue(c, b) != 0) return -1;
   conn_mark_dirty(c);
+  return 0;
+}
+
+/* write_queue's outcomes */
+enum { WROTE_ALL, WROTE_NOTHING_DUE, WAITING, CLOSED };
+static int write_queue(conn_t *c);
+
+int conn_deliver(conn_t *c, hbuf_t *b) {
+  if (enqueue(c, b) != 0) return -1;
+  mark_delivery(c);
+  unsigned queued = c->out_len - c->out_head;
+  if (c->queued_bytes < DELIVERY_WRITE_BYTES && queued < MAX_WRITE_BATCH &&
+      (c->delivery_turn == c->rt->turn || queued < DELIVERY_BACKLOG))
+    return 0;
+  /* Written; what the kernel did not take, and what follows a write, wait
+   * for its next turn, behind the others. */
+  if (write_queue(c) != CLOSED) {
+    unlink_dirty(c);
+    mark_delivery(c);
+  }
   return 0;
 }
 
@@ -315,7 +377,7 @@ static void consume(conn_t *c, size_t bytes, unsigned limit) {
     hbuf_t *b = c->outq[c->out_head].buf;
     size_t left = b->len - c->out_off;
     if (bytes < left) {
-      c->out_off += bytes;
+      c->out_off += (uint32_t)bytes;
       c->queued_bytes -= bytes;
       c->server->queued_bytes -= bytes;
       return;
@@ -335,7 +397,7 @@ static void consume(conn_t *c, size_t bytes, unsigned limit) {
 static void written(conn_t *c) {
   if (c->out_head == c->out_len) c->out_head = c->out_len = 0;
   if (c->out_len > c->out_head) {
-    conn_mark_dirty(c);
+    mark_delivery(c); /* more than one write's worth: the rest in its turn */
   } else {
     on_queue_empty(c);
   }
@@ -360,22 +422,20 @@ static void on_write(uv_write_t *req, int status) {
   written(c);
 }
 
-/* Writes the queue: first straight away (uv_try_write: no request, no
- * callback, no epoll change when the kernel takes it all, the usual case),
- * and what the kernel refuses through uv_write, which waits for room. */
-static void flush(conn_t *c) {
-  if (c->http_done && c->http) http_conn_free(c);
-  if (c->closing || c->writing) return;
+/* Hands the queue to the kernel: first straight away (uv_try_write: no
+ * request, no callback, no epoll change when the kernel takes it all, the
+ * usual case), and what the kernel refuses through uv_write, which waits for
+ * room. Calls back into nothing: conn_deliver calls it inside a fan-out. */
+static int write_queue(conn_t *c) {
+  if (c->closing) return CLOSED;
+  if (c->writing) return WAITING;
   if (c->tls && tls_encrypt(c) != 0) {
     conn_close(c);
-    return;
+    return CLOSED;
   }
   /* Over TLS only ciphertext is written; plaintext may wait for the handshake. */
   unsigned n = c->tls ? *tls_out_cipher(c) : c->out_len - c->out_head;
-  if (n == 0) {
-    if (c->out_len == c->out_head) on_queue_empty(c);
-    return;
-  }
+  if (n == 0) return WROTE_NOTHING_DUE;
   if (n > MAX_WRITE_BATCH) n = MAX_WRITE_BATCH;
   uv_buf_t bufs[MAX_WRITE_BATCH];
   size_t total = 0;
@@ -386,15 +446,15 @@ static void flush(conn_t *c) {
     total += b->len - off;
   }
   int r = uv_try_write((uv_stream_t *)&c->tcp, bufs, n);
+  c->server->stats.writes++;
   if (r == UV_EAGAIN) r = 0;
   if (r < 0) {
     conn_close(c);
-    return;
+    return CLOSED;
   }
   if ((size_t)r == total) {
     consume(c, total, n);
-    written(c);
-    return;
+    return WROTE_ALL;
   }
   /* The kernel's buffer is full: the peer reads slowly. Wait for room. */
   unsigned done = 0;
@@ -406,14 +466,15 @@ static void flush(conn_t *c) {
   uv_write_t *req = malloc(sizeof *req); /* only a slow peer needs one */
   if (!req) {
     conn_close(c);
-    return;
+    return CLOSED;
   }
   req->data = c;
   if (uv_write(req, (uv_stream_t *)&c->tcp, bufs + done, n - done, on_write) != 0) {
     free(req);
     conn_close(c);
-    return;
+    return CLOSED;
   }
+  c->server->stats.writes++; /* once, however many calls libuv makes of it */
   c->writing = 1;
   c->out_inflight = n - done;
   c->backed_up = 1;
@@ -422,15 +483,48 @@ static void flush(conn_t *c) {
   if (c->input_held) {
     c->server->stats.slow_closed++;
     conn_close(c);
+    return CLOSED;
+  }
+  return WAITING;
+}
+
+static void flush(conn_t *c) {
+  if (c->http_done && c->http) http_conn_free(c);
+  switch (write_queue(c)) {
+  case WROTE_ALL:
+    written(c);
+    break;
+  case WROTE_NOTHING_DUE: /* over TLS, plaintext may wait for the handshake */
+    if (c->out_len == c->out_head) written(c);
+    break;
+  default:
+    break;
   }
 }
 
+static void keep_polling(uv_idle_t *h) {
+  (void)h;
+}
+
 void conn_flush_all(runtime_t *rt) {
-  while (rt->dirty) {
-    conn_t *c = rt->dirty;
+  conn_t *c;
+  rt->turn++;
+  while ((c = rt->replies.head)) {
     unlink_dirty(c);
     flush(c);
   }
+  uint64_t deadline = uv_hrtime() + DELIVERY_SLICE_NS;
+  for (unsigned n = 1; (c = rt->deliveries.head); n++) {
+    unlink_dirty(c);
+    flush(c);
+    if (n % 16 == 0 && uv_hrtime() >= deadline) break;
+  }
+  while ((c = rt->replies.head)) { /* made by the deliveries' writes (TLS, on_writable) */
+    unlink_dirty(c);
+    flush(c);
+  }
+  if (rt->deliveries.head) uv_idle_start(&rt->flush_more, keep_polling);
+  else uv_idle_stop(&rt->flush_more);
 }
 
 void conn_end(conn_t *c) {

@@ -51,24 +51,26 @@ struct conn {
   server_t *server;
   const conn_proto_t *proto;
   conn_t *prev, *next;     /* the server's list */
-  conn_t *prev_dirty, *next_dirty; /* the runtime's list of conns to flush */
+  conn_t *prev_dirty, *next_dirty; /* its place in the runtime's replies or deliveries */
   /* The out queue: out1 until a second chunk waits (an idle conn has
    * had one, its 101 or its SSE head), then an array that it keeps. */
   out_item_t *outq;
   out_item_t out1;
-  size_t out_off;          /* bytes of the head chunk already written */
+  uint32_t out_off;        /* bytes of the head chunk already written (chunks < 4 GiB) */
+  uint32_t delivery_turn;  /* the loop turn (runtime_t.turn) it joined the deliveries */
   size_t queued_bytes;     /* bytes queued and not yet written */
   unsigned out_head, out_len, out_cap;
   uint32_t tq_due;         /* loop time (ms, wrapping) of its timeout */
   conn_t *tq_prev, *tq_next; /* its place in the runtime's timeout list (runtime.h) */
   int lua_ref;             /* registry ref of the Lua handle, if one was made */
-  unsigned dirty : 1, writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1,
+  unsigned dirty : 2,       /* in no list, the replies or the deliveries (conn.c) */
+      writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1,
       notify_close : 1,    /* tell Lua when it goes: it held a stream */
       backed_up : 1,       /* the kernel refused part of the last write: the peer reads slowly */
       http_done : 1,       /* another protocol took over from HTTP */
       input_held : 1,      /* the protocol holds input back until the peer reads */
       out_inflight : 8,    /* chunks in the uv_write under way (at most MAX_WRITE_BATCH) */
-      tq : 13;             /* its timeout list's index + 1; 0: no timeout set */
+      tq : 12;             /* its timeout list's index + 1; 0: no timeout set */
   http_conn_t *http;       /* the HTTP parser's state; freed once another protocol took over */
   hub_member_t member;
   ws_conn_t *ws;           /* WebSocket state after a 101; freed with the conn */
@@ -83,9 +85,13 @@ struct conn {
 /* Accepts a pending connection on listener into a new conn of server. */
 conn_t *conn_accept(server_t *server, uv_stream_t *listener);
 
-/* Queues a chunk (takes one reference of its own) for the next flush. */
+/* Queues a chunk (takes one reference of its own), written at the end of
+ * this loop turn. */
 int conn_send(conn_t *c, hbuf_t *b);
 int conn_send_bytes(conn_t *c, const void *bytes, size_t len);
+/* Queues a topic message: written in its turn among the deliveries, with
+ * whatever else the conn has been sent by then (conn_flush_all). */
+int conn_deliver(conn_t *c, hbuf_t *b);
 
 /* Flushes what is queued, then sends FIN and closes after a short linger
  * (reading and discarding), so the peer sees the last response, not a reset. */
@@ -96,7 +102,7 @@ void conn_close(conn_t *c);
 
 /* The conn's one timeout: on_timeout (or the linger's or TLS handshake's
  * end) after ms; setting it again replaces it. The conn is closed if the
- * timeout cannot be kept (no memory for a new duration's list, or 8,191
+ * timeout cannot be kept (no memory for a new duration's list, or 4,095
  * distinct durations already). */
 void conn_set_timer(conn_t *c, uint64_t ms);
 void conn_stop_timer(conn_t *c);
@@ -108,14 +114,15 @@ void conn_timeouts_free(runtime_t *rt);
 void conn_pause_reading(conn_t *c);
 void conn_resume_reading(conn_t *c);
 
-/* Flush this conn at the end of the loop turn. */
+/* Writes this conn's queue at the end of the loop turn. */
 void conn_mark_dirty(conn_t *c);
 
 /* TLS: queues ciphertext after the ciphertext already queued (and before the
  * plaintext that waits for the handshake). */
 int conn_queue_cipher(conn_t *c, hbuf_t *b);
 
-/* Writes every dirty conn's queue (the runtime's prepare handle calls it). */
+/* Before the loop polls (the runtime's prepare handle): writes every reply,
+ * and the deliveries for a slice of time. */
 void conn_flush_all(runtime_t *rt);
 
 /* Pausing input while this much output waits keeps a pipelining client that

@@ -372,6 +372,8 @@ static int runtime_new(lua_State *L) {
   rt->flusher.data = rt;
   uv_prepare_start(&rt->flusher, on_flush);
   uv_unref((uv_handle_t *)&rt->flusher);
+  uv_idle_init(&rt->loop, &rt->flush_more);
+  uv_unref((uv_handle_t *)&rt->flush_more);
   uv_timer_init(&rt->loop, &rt->drain_timer);
   rt->drain_timer.data = rt;
   uv_timer_init(&rt->loop, &rt->tick_timer);

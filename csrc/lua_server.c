@@ -254,7 +254,7 @@ static int server_close_l(lua_State *L) {
 }
 
 /* srv:stats() -> { connections, by_transport = {...}, bytes_in, bytes_out,
- * queued_bytes, errors = { http_400 = n, ..., ws_1002 = n } } */
+ * writes, queued_bytes, errors = { http_400 = n, ..., ws_1002 = n } } */
 static int server_stats_l(lua_State *L) {
   lua_server_t *ls = check_server(L);
   server_t *s = ls->srv;
@@ -264,7 +264,7 @@ static int server_stats_l(lua_State *L) {
     else if (c->proto && c->proto->name[0] == 's') sse++;
     else http++;
   }
-  lua_createtable(L, 0, 6);
+  lua_createtable(L, 0, 8);
   lua_pushinteger(L, s->nconns);
   lua_setfield(L, -2, "connections");
   lua_createtable(L, 0, 3);
@@ -279,6 +279,8 @@ static int server_stats_l(lua_State *L) {
   lua_setfield(L, -2, "bytes_in");
   lua_pushinteger(L, (lua_Integer)s->stats.bytes_out);
   lua_setfield(L, -2, "bytes_out");
+  lua_pushinteger(L, (lua_Integer)s->stats.writes);
+  lua_setfield(L, -2, "writes");
   lua_pushinteger(L, (lua_Integer)s->queued_bytes);
   lua_setfield(L, -2, "queued_bytes");
   lua_pushinteger(L, (lua_Integer)s->stats.slow_closed);

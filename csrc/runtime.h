@@ -41,10 +41,18 @@ typedef struct conn_timeouts {
   uint32_t fired_ms;      /* the duration of the timeout being handled (conn_repeat_timer) */
 } conn_timeouts_t;
 
+/* Conns with output queued and not yet handed to the kernel, oldest first. */
+typedef struct conn_list {
+  conn_t *head, *tail;
+} conn_list_t;
+
 typedef struct runtime {
   uv_loop_t loop;
-  uv_prepare_t flusher;   /* writes every dirty conn's queue once per loop turn */
-  conn_t *dirty;          /* conns with queued output not yet handed to the kernel */
+  uv_prepare_t flusher;   /* writes queued output before the loop polls (conn_flush_all) */
+  uv_idle_t flush_more;   /* started while deliveries wait: the poll does not sleep */
+  conn_list_t replies;    /* answers to what a peer sent: all written every loop turn */
+  conn_list_t deliveries; /* topic messages: written for a slice of time per turn */
+  uint32_t turn;          /* counts the loop turns' flushes */
   conn_timeouts_t timeouts; /* every conn's timeout (conn.c) */
   server_t *servers;      /* every server with listeners or connections */
   htimer_t *timers;       /* Lua timers, closed with the state */

@@ -38,6 +38,7 @@ typedef struct tls_config tls_config_t;
 #define SERVER_ERROR_KINDS 12
 typedef struct server_stats {
   uint64_t bytes_in, bytes_out;
+  uint64_t writes;        /* writes to sockets: fewer than deliveries when messages share them */
   uint64_t slow_closed;   /* conns closed for not reading what they were sent */
   uint64_t errors[SERVER_ERROR_KINDS];
 } server_stats_t;

@@ -87,7 +87,7 @@ static void deliver(conn_t *c, hub_msg_t *m) {
     if (sse_encode(&out, id, m->event, m->data, m->data_len, -1) == 0) m->sse = hstr_freeze(&out);
     else hstr_free(&out);
   }
-  if (!m->sse || conn_send(c, m->sse) != 0) conn_close(c);
+  if (!m->sse || conn_deliver(c, m->sse) != 0) conn_close(c);
 }
 
 static void send_gap(conn_t *c, const char *name, size_t len) {

@@ -509,7 +509,7 @@ static void deliver(conn_t *c, hub_msg_t *m) {
     if (rc == 0) *slot = frame(WS_TEXT, json.data, json.len, NULL, 0);
     hstr_free(&json);
   }
-  if (!*slot || conn_send(c, *slot) != 0) conn_close(c);
+  if (!*slot || conn_deliver(c, *slot) != 0) conn_close(c);
 }
 
 static void gap(conn_t *c, const char *name, size_t len) {

@@ -283,7 +283,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   hub_member_release(c);
   for (unsigned i = c->out_head; i < c->out_len; i++) hbuf_unref(c->outq[i].buf);
   free(c->outq);
-  rt->dirty = NULL;
+  rt->replies = rt->deliveries = (conn_list_t){NULL, NULL};
   free(c);
   hub_free(hub);
   uv_run(&loop, UV_RUN_NOWAIT); /* the hub's timer closes, the hub goes */

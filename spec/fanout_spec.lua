@@ -1,6 +1,7 @@
 -- Fan-out and slow consumers over real sockets: a thousand subscribers on
--- one topic, and one client that stops reading while megabytes are
--- published, under the "close" and the "conflate" policies.
+-- one topic, fan-outs that span loop turns, and one client that stops
+-- reading while megabytes are published, under the "close" and the
+-- "conflate" policies.
 local herald = require "herald"
 local t = require "herald.test"
 local core = require "herald.core"
@@ -38,6 +39,80 @@ local function ids_in(bytes)
   return ids
 end
 
+-- A fast reader: a raw client that asks for path and checks every byte
+-- it reads against messages (a list of encoded events, shared, which the
+-- test extends as it publishes) as they come, without keeping them.
+-- r.got counts whole messages; r.error says what went wrong.
+local function checking_reader(app, path, messages)
+  local r = { idx = 1, off = 0, got = 0, pre = "", closed = false }
+  local function take(data)
+    local p = 1
+    while p <= #data do
+      local m = messages[r.idx]
+      if not m then
+        r.error = ("%d bytes after message %d: %q"):format(#data - p + 1, r.idx - 1, data:sub(p, p + 40))
+        return
+      end
+      local n = math.min(#m - r.off, #data - p + 1)
+      if data:sub(p, p + n - 1) ~= m:sub(r.off + 1, r.off + n) then
+        r.error = ("message %d differs from byte %d: %q"):format(r.idx, r.off + 1, data:sub(p, p + 40))
+        return
+      end
+      p, r.off = p + n, r.off + n
+      if r.off == #m then r.idx, r.off, r.got = r.idx + 1, 0, r.got + 1 end
+    end
+  end
+  r.socket = assert(core.connect("127.0.0.1", t.port(app), function(event, data)
+    if event == "connect" then
+      r.socket:write(t.encode_request("GET", path, { Accept = "text/event-stream" }))
+    elseif event == "data" then
+      if r.error then return end
+      if not r.head then
+        r.pre = r.pre .. data
+        local e = r.pre:find("\r\n\r\n", 1, true)
+        if not e then return end
+        r.head, data = r.pre:sub(1, e + 3), r.pre:sub(e + 4)
+      end
+      take(data)
+    else
+      r.closed = true
+      if event == "eof" then r.socket:close() end
+    end
+  end))
+  return r
+end
+
+-- n checking readers of /s, once their streams are open.
+local function fast_readers(app, n, messages)
+  local list = {}
+  finally(function()
+    for _, r in ipairs(list) do r.socket:close() end
+  end)
+  for i = 1, n do list[i] = checking_reader(app, "/s", messages) end
+  t.wait(function()
+    for _, r in ipairs(list) do
+      if not r.head then return false end
+    end
+    return true
+  end, 5, "the readers' streams to open")
+  for _, r in ipairs(list) do assert.matches("^HTTP/1%.1 200 ", r.head) end
+  return list
+end
+
+-- Waits until every reader has count messages, each exactly as sent.
+local function wait_all(readers, count)
+  t.wait(function()
+    for i, r in ipairs(readers) do
+      if r.error then error(("reader %d: %s"):format(i, r.error)) end
+      if r.got < count then
+        if r.closed then error(("reader %d was closed after %d messages"):format(i, r.got)) end
+        return false
+      end
+    end
+    return true
+  end, 10, count .. " messages at every reader")
+end
+
 local saved_timeout
 before_each(function() saved_timeout = t.timeout; t.timeout = 10 end)
 after_each(function() t.timeout = saved_timeout end)
@@ -73,6 +148,58 @@ describe("fan-out", function()
     assert.equal(0, st.slow_closed)
     assert.equal(1000, st.streams)
   end)
+
+  -- A fan-out to this many conns takes longer than a loop turn's slice of
+  -- writing (1 ms: a write to a local socket costs microseconds), so it
+  -- spans turns, whatever the machine.
+  local WIDE = 2000
+
+  it("spans loop turns: messages published meanwhile join it, each once and in order, in fewer writes", function()
+    local app = new_app()
+    app:sse("/s", function(s) assert(s:subscribe("wide")) end)
+    local messages = {}
+    local readers = fast_readers(app, WIDE, messages)
+    local before = app:stats()
+    for i = 1, 20 do
+      local data = "message " .. i
+      local id, reached = app:publish("wide", data)
+      assert.equal(WIDE, reached)
+      messages[i] = "id: " .. id .. "\ndata: " .. data .. "\n\n"
+      core.run_once(0) -- one loop turn: a slice of the writing
+    end
+    wait_all(readers, 20)
+    local st = app:stats()
+    assert.equal(20 * WIDE, st.delivered - before.delivered)
+    local writes = st.writes - before.writes
+    assert.is_true(writes < 10 * WIDE, writes .. " writes for " .. 20 * WIDE .. " deliveries")
+    t.sleep(20)
+    for i, r in ipairs(readers) do
+      assert.is_nil(r.error, r.error)
+      assert.equal(20, r.got, "reader " .. i)
+    end
+  end)
+
+  it("answers a request between the slices of a fan-out, not after it", function()
+    local app = new_app()
+    app:sse("/s", function(s) assert(s:subscribe("wide")) end)
+    app:get("/ping", function(_, res) res:send("pong") end)
+    local messages = {}
+    local readers = fast_readers(app, WIDE, messages)
+    local c = t.connect(app)
+    finally(function() c:close() end)
+    local id = app:publish("wide", "one")
+    messages[1] = "id: " .. id .. "\ndata: one\n\n"
+    c:send("GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+    local reached
+    t.wait(function()
+      if not c.buffer:find("pong", 1, true) then return false end
+      reached = 0
+      for _, r in ipairs(readers) do reached = reached + r.got end
+      return true
+    end, 5, "the answer")
+    assert.is_true(reached < WIDE, reached .. " of " .. WIDE .. " readers had the message before the answer")
+    wait_all(readers, 1)
+  end)
 end)
 
 describe("a slow consumer", function()
@@ -102,80 +229,6 @@ describe("a slow consumer", function()
     c:send(t.encode_request("GET", "/s?slow=1", { Accept = "text/event-stream" }))
     t.wait(function() return app.slow_stream ~= nil end, 2, "the slow stream to open")
     return c
-  end
-
-  -- A fast reader: a raw client that asks for path and checks every byte
-  -- it reads against messages (a list of encoded events, shared, which the
-  -- test extends as it publishes) as they come, without keeping them.
-  -- r.got counts whole messages; r.error says what went wrong.
-  local function checking_reader(app, path, messages)
-    local r = { idx = 1, off = 0, got = 0, pre = "", closed = false }
-    local function take(data)
-      local p = 1
-      while p <= #data do
-        local m = messages[r.idx]
-        if not m then
-          r.error = ("%d bytes after message %d: %q"):format(#data - p + 1, r.idx - 1, data:sub(p, p + 40))
-          return
-        end
-        local n = math.min(#m - r.off, #data - p + 1)
-        if data:sub(p, p + n - 1) ~= m:sub(r.off + 1, r.off + n) then
-          r.error = ("message %d differs from byte %d: %q"):format(r.idx, r.off + 1, data:sub(p, p + 40))
-          return
-        end
-        p, r.off = p + n, r.off + n
-        if r.off == #m then r.idx, r.off, r.got = r.idx + 1, 0, r.got + 1 end
-      end
-    end
-    r.socket = assert(core.connect("127.0.0.1", t.port(app), function(event, data)
-      if event == "connect" then
-        r.socket:write(t.encode_request("GET", path, { Accept = "text/event-stream" }))
-      elseif event == "data" then
-        if r.error then return end
-        if not r.head then
-          r.pre = r.pre .. data
-          local e = r.pre:find("\r\n\r\n", 1, true)
-          if not e then return end
-          r.head, data = r.pre:sub(1, e + 3), r.pre:sub(e + 4)
-        end
-        take(data)
-      else
-        r.closed = true
-        if event == "eof" then r.socket:close() end
-      end
-    end))
-    return r
-  end
-
-  -- n checking readers of /s, once their streams are open.
-  local function fast_readers(app, n, messages)
-    local list = {}
-    finally(function()
-      for _, r in ipairs(list) do r.socket:close() end
-    end)
-    for i = 1, n do list[i] = checking_reader(app, "/s", messages) end
-    t.wait(function()
-      for _, r in ipairs(list) do
-        if not r.head then return false end
-      end
-      return true
-    end, 5, "the readers' streams to open")
-    for _, r in ipairs(list) do assert.matches("^HTTP/1%.1 200 ", r.head) end
-    return list
-  end
-
-  -- Waits until every reader has count messages, each exactly as sent.
-  local function wait_all(readers, count)
-    t.wait(function()
-      for i, r in ipairs(readers) do
-        if r.error then error(("reader %d: %s"):format(i, r.error)) end
-        if r.got < count then
-          if r.closed then error(("reader %d was closed after %d messages"):format(i, r.got)) end
-          return false
-        end
-      end
-      return true
-    end, 10, count .. " messages at every reader")
   end
 
   local function payload(i, size)

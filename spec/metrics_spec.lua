@@ -100,7 +100,7 @@ describe("app:stats()", function()
     local app = new_app()
     local st = app:stats()
     for _, field in ipairs { "connections", "streams", "subscriptions", "topics", "published", "delivered",
-      "conflated", "slow_closed", "bytes_in", "bytes_out", "queued_bytes" } do
+      "conflated", "slow_closed", "bytes_in", "bytes_out", "writes", "queued_bytes" } do
       assert.equal(0, st[field], field)
       assert.equal("integer", math.type(st[field]), field)
     end
@@ -336,7 +336,7 @@ describe("app:metrics(path)", function()
       herald_connections = "gauge", herald_subscriptions = "gauge", herald_topics = "gauge",
       herald_queued_bytes = "gauge",
       herald_messages_published_total = "counter", herald_messages_delivered_total = "counter",
-      herald_bytes_in_total = "counter", herald_bytes_out_total = "counter",
+      herald_bytes_in_total = "counter", herald_bytes_out_total = "counter", herald_writes_total = "counter",
       herald_slow_consumer_closes_total = "counter", herald_conflated_messages_total = "counter",
       herald_errors_total = "counter",
     }
@@ -372,6 +372,8 @@ describe("app:metrics(path)", function()
     assert.is_true(m.herald_bytes_in_total.samples[""] <= st.bytes_in)
     assert.is_true(m.herald_bytes_out_total.samples[""] > 0)
     assert.is_true(m.herald_bytes_out_total.samples[""] < st.bytes_out) -- the answer itself went out since
+    assert.is_true(m.herald_writes_total.samples[""] > 0)
+    assert.is_true(m.herald_writes_total.samples[""] < st.writes)
   end)
 
   it("is served to ::1 by default", function()

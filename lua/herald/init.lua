@@ -595,6 +595,7 @@ local metric_list = {
   { "herald_messages_delivered_total", "counter", "Messages queued to subscribers.", "delivered" },
   { "herald_bytes_in_total", "counter", "Bytes read from clients.", "bytes_in" },
   { "herald_bytes_out_total", "counter", "Bytes written to clients.", "bytes_out" },
+  { "herald_writes_total", "counter", "Writes to clients' sockets (messages share them under load).", "writes" },
   { "herald_queued_bytes", "gauge", "Bytes waiting to be written.", "queued_bytes" },
   { "herald_slow_consumer_closes_total", "counter", "Connections closed for reading too slowly.", "slow_closed" },
   { "herald_conflated_messages_total", "counter", "Messages skipped for slow clients (conflate).", "conflated" },
