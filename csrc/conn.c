@@ -26,7 +26,7 @@
  * latency stays about one fan-out's, at a few messages per write. A burst
  * published in one turn still leaves in one write. */
 #define DELIVERY_WRITE_BYTES 65536
-#define DELIVERY_BACKLOG 4
+#define DELIVERY_BACKLOG 3
 
 enum { NOT_DIRTY, DIRTY_REPLY, DIRTY_DELIVERY };
 
