@@ -33,7 +33,8 @@ local function exists(path)
   return os.execute("test -e " .. quote(path)) == true
 end
 
-local SCENARIOS = { "s100", "a", "s3000", "b", "b-2", "b-3", "b5", "c", "d", "f1k", "f16k", "g", "r", "r5", "rc" }
+local SCENARIOS = { "s100", "a", "s3000", "b", "b5", "c", "d", "f1k", "f16k", "g", "a-2", "b-2", "c-2", "r", "r5", "rc",
+  "a-3", "b-3", "c-3" }
 local SERVERS = { "herald", "nchan" }
 -- the two-node scenarios: each server alone, and two nodes and Redis
 local CLUSTER_SCENARIOS = { r = true, r5 = true, rc = true }
