@@ -19,12 +19,13 @@
  * slice, not the whole fan-out, and what is published meanwhile joins the
  * queues of the conns still waiting, to leave in the same write. */
 #define DELIVERY_SLICE_NS 1000000
-/* A conn is written at once, inside the publish, when a write's worth
- * waits (bytes, or MAX_WRITE_BATCH chunks), or when it has waited since an
- * earlier turn and this many chunks are queued: a publisher that outruns
- * the fan-out meets the writes in its own publishes, and a message's
- * latency stays about one fan-out's, at a few messages per write. A burst
- * published in one turn still leaves in one write. */
+/* A delivery is written at once (inside the publish) when a write's worth
+ * waits (bytes, or MAX_WRITE_BATCH chunks), or when its conn has waited
+ * among the deliveries since an earlier turn and this many chunks are
+ * queued: a publisher that outruns the fan-out meets the writes in its own
+ * publishes, and a message's latency stays about one fan-out's, at a few
+ * messages per write. A burst published in one turn still leaves in one
+ * write. */
 #define DELIVERY_WRITE_BYTES 65536
 #define DELIVERY_BACKLOG 3
 
@@ -307,11 +308,15 @@ enum { WROTE_ALL, WROTE_NOTHING_DUE, WAITING, CLOSED };
 static int write_queue(conn_t *c);
 
 int conn_deliver(conn_t *c, hbuf_t *b) {
+  int waited = c->dirty == DIRTY_DELIVERY && c->delivery_turn != c->rt->turn;
   if (enqueue(c, b) != 0) return -1;
   mark_delivery(c);
+  /* Not more than half of max_queued either: what we hold back must not
+   * look like a peer that does not read (ws.c holds its input). */
+  size_t write_bytes = c->server->limits.max_queued / 2;
+  if (write_bytes > DELIVERY_WRITE_BYTES) write_bytes = DELIVERY_WRITE_BYTES;
   unsigned queued = c->out_len - c->out_head;
-  if (c->queued_bytes < DELIVERY_WRITE_BYTES && queued < MAX_WRITE_BATCH &&
-      (c->delivery_turn == c->rt->turn || queued < DELIVERY_BACKLOG))
+  if (c->queued_bytes < write_bytes && queued < MAX_WRITE_BATCH && (!waited || queued < DELIVERY_BACKLOG))
     return 0;
   /* Written; what the kernel did not take, and what follows a write, wait
    * for its next turn, behind the others. */
@@ -397,7 +402,7 @@ static void consume(conn_t *c, size_t bytes, unsigned limit) {
 static void written(conn_t *c) {
   if (c->out_head == c->out_len) c->out_head = c->out_len = 0;
   if (c->out_len > c->out_head) {
-    mark_delivery(c); /* more than one write's worth: the rest in its turn */
+    mark_delivery(c); /* after a slow peer's wait, or past MAX_WRITE_BATCH: in its turn */
   } else {
     on_queue_empty(c);
   }

@@ -86,7 +86,7 @@ struct conn {
 conn_t *conn_accept(server_t *server, uv_stream_t *listener);
 
 /* Queues a chunk (takes one reference of its own), written at the end of
- * this loop turn. */
+ * this loop turn (unless a write is under way: then when it ends). */
 int conn_send(conn_t *c, hbuf_t *b);
 int conn_send_bytes(conn_t *c, const void *bytes, size_t len);
 /* Queues a topic message: written in its turn among the deliveries, with

@@ -483,7 +483,9 @@ static void deliver(hub_t *hub, hub_sub_t *s, hub_msg_t *msg) {
 void hub_member_catch_up(conn_t *c) {
   hub_t *hub = c->member.hub;
   if (!hub || !c->member.nconflated || !is_open(c)) return; /* called after every write */
-  for (hub_sub_t *s = c->member.subs; s && !c->closing; s = s->next_in_conn) {
+  /* A delivery may write at once and fail: the close frees every sub of c. */
+  for (hub_sub_t *s = c->member.subs, *next; s && !c->closing; s = next) {
+    next = s->next_in_conn;
     if (!s->conflated || (c->backed_up && c->queued_bytes >= hub->max_queued)) continue;
     hub_msg_t *msg = s->conflated;
     s->conflated = NULL;
@@ -622,7 +624,8 @@ int hub_member_start(conn_t *c, const char *last_id) {
     uint64_t since = everything ? 0 : parse_id(hub, last_id);
     int unknown = since == 0 && !everything; /* another epoch: whatever it saw is gone */
     uint64_t now = uv_now(hub->loop);
-    for (hub_sub_t *s = m->subs; s && !c->closing; s = s->next_in_conn) {
+    for (hub_sub_t *s = m->subs, *next; s && !c->closing; s = next) {
+      next = s->next_in_conn; /* a failed gap closes c, which frees s */
       hub_topic_t *t = s->topic;
       expire(t, now);
       if (unknown || (!everything && lost_since(hub, t, NULL, 0, since))) gap(c, t);

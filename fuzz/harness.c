@@ -380,6 +380,8 @@ void fz_setup(tls_config_t *tls) {
   uv_prepare_init(&fz.rt->loop, &fz.rt->flusher);
   fz.rt->flusher.data = fz.rt;
   uv_prepare_start(&fz.rt->flusher, on_flush);
+  uv_idle_init(&fz.rt->loop, &fz.rt->flush_more);
+  uv_unref((uv_handle_t *)&fz.rt->flush_more);
   uv_unref((uv_handle_t *)&fz.rt->flusher);
   conn_timeouts_init(fz.rt);
   server_limits_t limits = {
