@@ -179,14 +179,20 @@ static double real_arg(const char *name, const char *v, double min, double max) 
   return x;
 }
 
+/* What /proc says of a process at one moment, each figure with whether it
+ * could be read: CPU ticks, write syscalls and run time before and after the
+ * publishing, resident KiB before connecting and at the end. */
+typedef struct {
+  uint64_t ut, st, io, sched;
+  long rss;
+  int cpu_ok, io_ok, sched_ok, rss_ok;
+} proc_sample_t;
+
 /* The server's processes, sampled from /proc (--server-pid). */
 typedef struct {
   long pid;
   const char *name;
-  int have_before, have_after, have_io_before, have_io_after, have_sched_before, have_sched_after;
-  int have_rss_before, have_rss_after;
-  uint64_t ut0, st0, ut1, st1, io0, io1, sched0, sched1;
-  long rss_before, rss_after;
+  proc_sample_t before, after;
 } proc_t;
 
 static proc_t procs[MAX_PROCS];
@@ -406,40 +412,42 @@ static int proc_sched_ns(long pid, uint64_t *out) { /* the main thread's time on
   return 0;
 }
 
+static void sample_cpu(long pid, proc_sample_t *s) {
+  s->cpu_ok = proc_cpu(pid, &s->ut, &s->st) == 0;
+  s->io_ok = proc_field(pid, "io", "syscw:", &s->io) == 0;
+  s->sched_ok = proc_sched_ns(pid, &s->sched) == 0;
+}
+
+static void sample_rss(long pid, proc_sample_t *s) {
+  s->rss = proc_rss_kib(pid);
+  s->rss_ok = s->rss >= 0;
+}
+
 static void sample_before(void) {
-  for (int i = 0; i < nprocs; i++) {
-    proc_t *p = &procs[i];
-    p->have_before = proc_cpu(p->pid, &p->ut0, &p->st0) == 0;
-    p->have_io_before = proc_field(p->pid, "io", "syscw:", &p->io0) == 0;
-    p->have_sched_before = proc_sched_ns(p->pid, &p->sched0) == 0;
-  }
+  for (int i = 0; i < nprocs; i++) sample_cpu(procs[i].pid, &procs[i].before);
 }
 
 static void sample_after(void) {
-  for (int i = 0; i < nprocs; i++) {
-    proc_t *p = &procs[i];
-    if (!p->have_before) continue;
-    p->have_after = proc_cpu(p->pid, &p->ut1, &p->st1) == 0;
-    p->have_io_after = proc_field(p->pid, "io", "syscw:", &p->io1) == 0;
-    p->have_sched_after = proc_sched_ns(p->pid, &p->sched1) == 0;
-  }
+  for (int i = 0; i < nprocs; i++)
+    if (procs[i].before.cpu_ok) sample_cpu(procs[i].pid, &procs[i].after);
 }
 
 static void sample_rss_before(void) {
   for (int i = 0; i < nprocs; i++) {
     proc_t *p = &procs[i];
-    p->rss_before = proc_rss_kib(p->pid);
-    p->have_rss_before = p->rss_before >= 0;
-    if (!p->have_rss_before) fprintf(stderr, "loadgen: warning: cannot read /proc/%ld/status\n", p->pid);
+    sample_rss(p->pid, &p->before);
+    if (!p->before.rss_ok) fprintf(stderr, "loadgen: warning: cannot read /proc/%ld/status\n", p->pid);
   }
 }
 
 static void sample_rss_after(void) {
-  for (int i = 0; i < nprocs; i++) {
-    proc_t *p = &procs[i];
-    p->rss_after = proc_rss_kib(p->pid);
-    p->have_rss_after = p->rss_after >= 0;
-  }
+  for (int i = 0; i < nprocs; i++) sample_rss(procs[i].pid, &procs[i].after);
+}
+
+/* Adds b's figures to sum's: a cluster's processes together. */
+static void add_sample(proc_sample_t *sum, const proc_sample_t *b) {
+  sum->ut += b->ut, sum->st += b->st, sum->io += b->io, sum->sched += b->sched, sum->rss += b->rss;
+  sum->cpu_ok &= b->cpu_ok, sum->io_ok &= b->io_ok, sum->sched_ok &= b->sched_ok, sum->rss_ok &= b->rss_ok;
 }
 
 /* ----------------------------------------------------------------- report */
@@ -496,12 +504,13 @@ static void json_num_or_null(const char *name, int ok, double v, const char *fmt
 static void print_proc(const proc_t *p, int named) {
   double tck = (double)sysconf(_SC_CLK_TCK);
   double d = (double)g.delivered;
-  int cpu = p->have_before && p->have_after && g.delivered > 0;
-  double ut = cpu ? (double)(p->ut1 - p->ut0) * 1e6 / tck : 0;
-  double st = cpu ? (double)(p->st1 - p->st0) * 1e6 / tck : 0;
-  int io = p->have_io_before && p->have_io_after && g.delivered > 0;
-  int sched = p->have_sched_before && p->have_sched_after && g.delivered > 0;
-  int rss = p->have_rss_before && p->have_rss_after && g.connected > 0;
+  const proc_sample_t *b = &p->before, *a = &p->after;
+  int cpu = b->cpu_ok && a->cpu_ok && g.delivered > 0;
+  double ut = cpu ? (double)(a->ut - b->ut) * 1e6 / tck : 0;
+  double st = cpu ? (double)(a->st - b->st) * 1e6 / tck : 0;
+  int io = b->io_ok && a->io_ok && g.delivered > 0;
+  int sched = b->sched_ok && a->sched_ok && g.delivered > 0;
+  int rss = b->rss_ok && a->rss_ok && g.connected > 0;
   printf("{\"pid\":%ld", p->pid);
   if (named) {
     printf(",\"name\":");
@@ -510,15 +519,15 @@ static void print_proc(const proc_t *p, int named) {
   json_num_or_null("cpu_user_us_per_msg", cpu, ut / d, "%.4f");
   json_num_or_null("cpu_sys_us_per_msg", cpu, st / d, "%.4f");
   json_num_or_null("cpu_total_us_per_msg", cpu, (ut + st) / d, "%.4f");
-  json_num_or_null("cpu_sched_us_per_msg", sched, (double)(p->sched1 - p->sched0) / 1e3 / d, "%.4f");
-  json_num_or_null("writes_per_msg", io, (double)(p->io1 - p->io0) / d, "%.4f");
+  json_num_or_null("cpu_sched_us_per_msg", sched, (double)(a->sched - b->sched) / 1e3 / d, "%.4f");
+  json_num_or_null("writes_per_msg", io, (double)(a->io - b->io) / d, "%.4f");
   json_num_or_null("cpu_user_s", cpu, ut / 1e6, "%.3f");
   json_num_or_null("cpu_sys_s", cpu, st / 1e6, "%.3f");
-  json_num_or_null("write_syscalls", io, (double)(p->io1 - p->io0), "%.0f");
-  json_num_or_null("rss_kib_per_conn", rss, ((double)p->rss_after - (double)p->rss_before) / (double)g.connected,
+  json_num_or_null("write_syscalls", io, (double)(a->io - b->io), "%.0f");
+  json_num_or_null("rss_kib_per_conn", rss, ((double)a->rss - (double)b->rss) / (double)g.connected,
                    "%.3f");
-  json_num_or_null("rss_kib_before", p->have_rss_before, (double)p->rss_before, "%.0f");
-  json_num_or_null("rss_kib_after", p->have_rss_after, (double)p->rss_after, "%.0f");
+  json_num_or_null("rss_kib_before", b->rss_ok, (double)b->rss, "%.0f");
+  json_num_or_null("rss_kib_after", a->rss_ok, (double)a->rss, "%.0f");
 }
 
 static void report_and_exit(int code, const char *error) {
@@ -566,18 +575,11 @@ static void report_and_exit(int code, const char *error) {
     printf("null");
   } else {
     /* the sum over every process (one unless a cluster), then each apart */
-    proc_t sum = {.pid = procs[0].pid, .name = "all"};
-    sum.have_before = sum.have_after = sum.have_io_before = sum.have_io_after = 1;
-    sum.have_sched_before = sum.have_sched_after = sum.have_rss_before = sum.have_rss_after = 1;
+    const proc_sample_t all_ok = {.cpu_ok = 1, .io_ok = 1, .sched_ok = 1, .rss_ok = 1};
+    proc_t sum = {.pid = procs[0].pid, .name = "all", .before = all_ok, .after = all_ok};
     for (int i = 0; i < nprocs; i++) {
-      proc_t *p = &procs[i];
-      sum.have_before &= p->have_before, sum.have_after &= p->have_after;
-      sum.have_io_before &= p->have_io_before, sum.have_io_after &= p->have_io_after;
-      sum.have_sched_before &= p->have_sched_before, sum.have_sched_after &= p->have_sched_after;
-      sum.have_rss_before &= p->have_rss_before, sum.have_rss_after &= p->have_rss_after;
-      sum.ut0 += p->ut0, sum.st0 += p->st0, sum.ut1 += p->ut1, sum.st1 += p->st1;
-      sum.io0 += p->io0, sum.io1 += p->io1, sum.sched0 += p->sched0, sum.sched1 += p->sched1;
-      sum.rss_before += p->rss_before, sum.rss_after += p->rss_after;
+      add_sample(&sum.before, &procs[i].before);
+      add_sample(&sum.after, &procs[i].after);
     }
     print_proc(&sum, 0);
     printf(",\"processes\":[");
