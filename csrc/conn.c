@@ -29,6 +29,28 @@
 #define DELIVERY_WRITE_BYTES 65536
 #define DELIVERY_BACKLOG 3
 
+/* The runtime's lists of conns (runtime.h): the timeout lists through
+ * tq_link, the replies and deliveries through dirty_link. */
+#define LINK_OF(c, field) ((conn_link_t *)((char *)(c) + (field)))
+
+static void list_append(conn_list_t *l, conn_t *c, size_t field) {
+  conn_link_t *k = LINK_OF(c, field);
+  k->prev = l->tail;
+  k->next = NULL;
+  if (l->tail) LINK_OF(l->tail, field)->next = c;
+  else l->head = c;
+  l->tail = c;
+}
+
+static void list_remove(conn_list_t *l, conn_t *c, size_t field) {
+  conn_link_t *k = LINK_OF(c, field);
+  if (k->prev) LINK_OF(k->prev, field)->next = k->next;
+  else l->head = k->next;
+  if (k->next) LINK_OF(k->next, field)->prev = k->prev;
+  else l->tail = k->prev;
+  k->prev = k->next = NULL;
+}
+
 enum { NOT_DIRTY, DIRTY_REPLY, DIRTY_DELIVERY };
 
 static conn_list_t *dirty_list(conn_t *c) {
@@ -37,23 +59,13 @@ static conn_list_t *dirty_list(conn_t *c) {
 
 static void unlink_dirty(conn_t *c) {
   if (!c->dirty) return;
-  conn_list_t *l = dirty_list(c);
-  if (c->prev_dirty) c->prev_dirty->next_dirty = c->next_dirty;
-  else l->head = c->next_dirty;
-  if (c->next_dirty) c->next_dirty->prev_dirty = c->prev_dirty;
-  else l->tail = c->prev_dirty;
-  c->prev_dirty = c->next_dirty = NULL;
+  list_remove(dirty_list(c), c, offsetof(conn_t, dirty_link));
   c->dirty = NOT_DIRTY;
 }
 
 static void link_dirty(conn_t *c, unsigned which) {
   c->dirty = which;
-  conn_list_t *l = dirty_list(c);
-  c->prev_dirty = l->tail;
-  c->next_dirty = NULL;
-  if (l->tail) l->tail->next_dirty = c;
-  else l->head = c;
-  l->tail = c;
+  list_append(dirty_list(c), c, offsetof(conn_t, dirty_link));
 }
 
 /* A reply takes the conn's deliveries along with it. */
@@ -173,12 +185,7 @@ static int before(uint32_t a, uint32_t b) {
 static void tq_unlink(conn_t *c) {
   if (!c->tq) return;
   conn_timeouts_t *to = &c->rt->timeouts;
-  conn_tq_t *q = &to->queues[c->tq - 1];
-  if (c->tq_prev) c->tq_prev->tq_next = c->tq_next;
-  else q->head = c->tq_next;
-  if (c->tq_next) c->tq_next->tq_prev = c->tq_prev;
-  else q->tail = c->tq_prev;
-  c->tq_prev = c->tq_next = NULL;
+  list_remove(&to->queues[c->tq - 1].conns, c, offsetof(conn_t, tq_link));
   c->tq = 0;
   /* An earlier head that went leaves the timer early: it finds nothing due
    * and waits again. With no timeout left it stops (the loop may end). */
@@ -205,7 +212,7 @@ static int tq_find(conn_timeouts_t *to, uint32_t ms) {
 static conn_t *tq_first(const conn_timeouts_t *to) {
   conn_t *first = NULL;
   for (unsigned i = 0; i < to->nqueues; i++) {
-    conn_t *h = to->queues[i].head;
+    conn_t *h = to->queues[i].conns.head;
     if (h && (!first || before(h->tq_due, first->tq_due))) first = h;
   }
   return first;
@@ -239,14 +246,10 @@ void conn_set_timer(conn_t *c, uint64_t ms) {
     conn_close(c);
     return;
   }
-  conn_tq_t *q = &to->queues[i];
+  conn_list_t *q = &to->queues[i].conns;
   c->tq_due = (uint32_t)(uv_now(&c->rt->loop) + ms);
   c->tq = (unsigned)i + 1;
-  c->tq_prev = q->tail;
-  c->tq_next = NULL;
-  if (q->tail) q->tail->tq_next = c;
-  else q->head = c;
-  q->tail = c;
+  list_append(q, c, offsetof(conn_t, tq_link));
   to->count++;
   /* Behind another conn of its list it is due after that one: only a new
    * head may come before what the timer waits for. */

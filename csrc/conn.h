@@ -41,6 +41,11 @@ typedef struct out_item {
 
 typedef struct tls_conn tls_conn_t;
 
+/* A conn's place in a conn_list_t (runtime.h). */
+typedef struct conn_link {
+  conn_t *prev, *next;
+} conn_link_t;
+
 /* Every connection has one, idle ones too: 440 bytes on x86-64 (448 with
  * malloc's header), of which libuv's uv_tcp_t is 248; mind the padding.
  * tcp comes first: libuv's callbacks get the conn from the handle itself,
@@ -51,7 +56,7 @@ struct conn {
   server_t *server;
   const conn_proto_t *proto;
   conn_t *prev, *next;     /* the server's list */
-  conn_t *prev_dirty, *next_dirty; /* its place in the runtime's replies or deliveries */
+  conn_link_t dirty_link;  /* its place in the runtime's replies or deliveries */
   /* The out queue: out1 until a second chunk waits (an idle conn has
    * had one, its 101 or its SSE head), then an array that it keeps. */
   out_item_t *outq;
@@ -61,7 +66,7 @@ struct conn {
   size_t queued_bytes;     /* bytes queued and not yet written */
   unsigned out_head, out_len, out_cap;
   uint32_t tq_due;         /* loop time (ms, wrapping) of its timeout */
-  conn_t *tq_prev, *tq_next; /* its place in the runtime's timeout list (runtime.h) */
+  conn_link_t tq_link;     /* its place in the runtime's timeout list (runtime.h) */
   int lua_ref;             /* registry ref of the Lua handle, if one was made */
   unsigned dirty : 2,       /* in no list, the replies or the deliveries (conn.c) */
       writing : 1, closing : 1, ending : 1, shut : 1, reading : 1, rejected : 1,

@@ -28,9 +28,14 @@ typedef struct runtime_fork_hook {
  * exact as a uv_timer. The durations come from the configuration (header
  * and idle timeouts, heartbeats, ping intervals, TLS handshakes, linger and
  * close waits), so there are a handful of lists. */
+/* A FIFO list of conns, through a conn_link_t in each (conn.c's list_*). */
+typedef struct conn_list {
+  conn_t *head, *tail;
+} conn_list_t;
+
 typedef struct conn_tq {
   uint32_t ms;            /* every conn in it times out this long after it was put in */
-  conn_t *head, *tail;
+  conn_list_t conns;      /* through conn_t.tq_link, in due order */
 } conn_tq_t;
 
 typedef struct conn_timeouts {
@@ -41,15 +46,12 @@ typedef struct conn_timeouts {
   uint32_t fired_ms;      /* the duration of the timeout being handled (conn_repeat_timer) */
 } conn_timeouts_t;
 
-/* Conns with output queued and not yet handed to the kernel, oldest first. */
-typedef struct conn_list {
-  conn_t *head, *tail;
-} conn_list_t;
-
 typedef struct runtime {
   uv_loop_t loop;
   uv_prepare_t flusher;   /* writes queued output before the loop polls (conn_flush_all) */
   uv_idle_t flush_more;   /* started while deliveries wait: the poll does not sleep */
+  /* Conns with output queued and not yet handed to the kernel, oldest first
+   * (through conn_t.dirty_link): */
   conn_list_t replies;    /* answers to what a peer sent: all written every loop turn */
   conn_list_t deliveries; /* topic messages: written for a slice of time per turn */
   uint32_t turn;          /* counts the loop turns' flushes */
